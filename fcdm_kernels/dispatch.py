@@ -1,0 +1,151 @@
+"""Backend selection for the fused ops: `torch` | `triton` | `cuda` | `auto`.
+
+The requested backend comes from, in order of precedence: the innermost `use_backend(...)` context, the last
+`set_backend(...)`, then the environment variable FCDM_BACKEND (default `auto`). It is resolved per call from the
+device of the activations, so one model can run on CPU and GPU without changing settings:
+
+* `auto` picks a fused backend on CUDA tensors (per-op preference, possibly from a cached measurement) and the
+  reference on CPU.
+* An explicitly requested backend that cannot run here (Triton not installed, the CUDA extension not built, CPU
+  tensors without TRITON_INTERPRET=1) falls back along cuda -> triton -> torch with one warning per reason.
+
+Backend modules register their implementations with `register(op, backend)`. They are imported lazily, on first use,
+so importing fcdm never touches CUDA or compiles anything.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+import os
+import warnings
+from typing import Callable
+
+import torch
+
+BACKENDS = ("torch", "triton", "cuda", "auto")
+FALLBACK = {"cuda": "triton", "triton": "torch"}
+
+# Modules that register a backend's implementations when imported.
+_BACKEND_MODULES = {"triton": "fcdm_kernels.triton", "cuda": "fcdm_kernels.cuda"}
+
+_IMPLS: dict[str, dict[str, Callable]] = {}
+_loaded: dict[str, str | None] = {}          # backend -> None if loaded, else the reason it is unavailable
+_warned: set[str] = set()
+_global_backend: str | None = None
+_context_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("fcdm_backend", default=None)
+# Per-op preference on CUDA for `auto`; backends may refine it (e.g. from an on-disk timing cache).
+_auto_preference: dict[str, Callable[[torch.Tensor], tuple[str, ...]]] = {}
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or name.lower() not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    return name.lower()
+
+
+def set_backend(name: str) -> None:
+    """Select the fused-op backend for this process: 'torch', 'triton', 'cuda' or 'auto'."""
+    global _global_backend
+    _global_backend = _check_name(name)
+
+
+def get_backend() -> str:
+    """The requested backend (before per-device resolution)."""
+    ctx = _context_backend.get()
+    if ctx is not None:
+        return ctx
+    if _global_backend is not None:
+        return _global_backend
+    env = os.environ.get("FCDM_BACKEND", "auto")
+    try:
+        return _check_name(env)
+    except ValueError:
+        raise ValueError(f"environment variable FCDM_BACKEND must be one of {BACKENDS}, got {env!r}") from None
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Context manager: `with fcdm.use_backend('torch'): model(x, t, y)`."""
+    token = _context_backend.set(_check_name(name))
+    try:
+        yield
+    finally:
+        _context_backend.reset(token)
+
+
+def register(op: str, backend: str):
+    """Decorator used by backend modules: @register('dwconv_ln_modulate', 'triton')."""
+    def wrap(fn):
+        _IMPLS.setdefault(op, {})[backend] = fn
+        return fn
+    return wrap
+
+
+def set_auto_preference(op: str, chooser: Callable[[torch.Tensor], tuple[str, ...]]) -> None:
+    """Let a backend module order the CUDA backends `auto` tries for `op`, given the activation tensor."""
+    _auto_preference[op] = chooser
+
+
+def _load(backend: str) -> str | None:
+    """Import a backend's module once; return None when it loaded, else why not."""
+    if backend == "torch":
+        return None
+    if backend not in _loaded:
+        try:
+            importlib.import_module(_BACKEND_MODULES[backend])
+            _loaded[backend] = None
+        except Exception as e:  # a missing extension or Triton must degrade, not break import fcdm
+            _loaded[backend] = f"{type(e).__name__}: {e}"
+    return _loaded[backend]
+
+
+def unavailable_reason(op: str, backend: str, device: torch.device) -> str | None:
+    """None when `backend` can run `op` on `device`, else a human-readable reason."""
+    if backend == "torch":
+        return None
+    reason = _load(backend)
+    if reason is not None:
+        return f"the {backend} backend could not be loaded ({reason})"
+    if backend not in _IMPLS.get(op, {}):
+        return f"the {backend} backend has no implementation of {op}"
+    if device.type == "cuda":
+        return None
+    if backend == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    hint = " (set TRITON_INTERPRET=1 to run Triton kernels on CPU tensors)" if backend == "triton" else ""
+    return f"the {backend} backend needs CUDA tensors, got {device.type} tensors{hint}"
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def resolve(op: str, x: torch.Tensor) -> str:
+    """The concrete backend that will run `op` on activations `x`."""
+    requested = get_backend()
+    if requested == "auto":
+        if x.device.type != "cuda":
+            return "torch"
+        chooser = _auto_preference.get(op)
+        order = chooser(x) if chooser is not None else ("triton", "cuda")
+        for backend in order:
+            if unavailable_reason(op, backend, x.device) is None:
+                return backend
+        return "torch"
+    backend = requested
+    while backend != "torch":
+        reason = unavailable_reason(op, backend, x.device)
+        if reason is None:
+            return backend
+        nxt = FALLBACK[backend]
+        _warn_once(f"fcdm: {reason}; falling back to the {nxt} backend for {op}")
+        backend = nxt
+    return "torch"
+
+
+def implementation(op: str, x: torch.Tensor) -> Callable:
+    backend = resolve(op, x)
+    return _IMPLS[op][backend]

@@ -1,0 +1,38 @@
+"""Test harness: Triton runs under its CPU interpreter when there is no GPU; GPU-only tests skip cleanly there."""
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    # Must be set before any @triton.jit decorator runs, i.e. before test modules import the kernels.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Tests compare fp32 kernels against fp64 at ~1e-6 relative; TF32 would hide real errors behind its own.
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (run benchmarks/gpu_check.sh on one)")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def seed_everything():
+    """Fresh but reproducible randomness per test."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def device():
+    """The device kernel tests run on: CUDA when present, else CPU (Triton interpreter)."""
+    return torch.device("cuda" if HAS_CUDA else "cpu")

@@ -1,0 +1,39 @@
+"""Numerical comparison helpers shared by the kernel and model tests."""
+from __future__ import annotations
+
+import torch
+
+# Relative-error budgets against an fp64 oracle (developers' guide): fp32 kernels with TF32 off, and bf16/fp16.
+REL_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 5e-3, torch.float16: 2e-3}
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| computed in fp64; NaN anywhere gives inf so it can never pass."""
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    denom = ref.norm().item()
+    return (out - ref).norm().item() / (denom if denom > 0 else 1.0)
+
+
+def assert_rel_close(out: torch.Tensor, ref: torch.Tensor, tol: float, name: str = "output") -> None:
+    """Fail with the worst mismatching elements when ||out - ref|| / ||ref|| > tol."""
+    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    err = rel_error(out, ref)
+    if err <= tol:
+        return
+    diff = (out.detach().double().cpu() - ref.detach().double().cpu()).abs().flatten()
+    diff = torch.nan_to_num(diff, nan=float("inf"))
+    worst = diff.topk(min(5, diff.numel())).indices
+    lines = [f"  [{tuple(int(i) for i in torch.unravel_index(k, out.shape))}] out={out.flatten()[k].item():.6g} "
+             f"ref={ref.flatten()[k].item():.6g}" for k in worst]
+    raise AssertionError(f"{name}: relative error {err:.3e} > {tol:.1e}; worst elements:\n" + "\n".join(lines))
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """Fill an output buffer with NaN so any element a kernel fails to write makes the comparison fail."""
+    return t.fill_(float("nan"))
+
+
+def poisoned_empty(*shape, dtype, device) -> torch.Tensor:
+    return poison_(torch.empty(*shape, dtype=dtype, device=device))
