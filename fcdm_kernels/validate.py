@@ -15,7 +15,7 @@ def check_tensor(name: str, t, *, shape: tuple, like: torch.Tensor | None = None
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != len(shape) or any(want is not None and got != want for got, want in zip(t.shape, shape)):
-        want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+        want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
         raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
     if t.dtype not in FLOAT_DTYPES:
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
