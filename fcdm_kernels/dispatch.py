@@ -15,7 +15,6 @@ so importing fcdm never touches CUDA or compiles anything.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import importlib
 import os
 import warnings
@@ -33,7 +32,9 @@ _IMPLS: dict[str, dict[str, Callable]] = {}
 _loaded: dict[str, str | None] = {}          # backend -> None if loaded, else the reason it is unavailable
 _warned: set[str] = set()
 _global_backend: str | None = None
-_context_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("fcdm_backend", default=None)
+# use_backend() nesting. A plain list rather than a ContextVar: torch.compile traces through list reads (and guards
+# on them, so switching backends recompiles), while a ContextVar lookup is a graph break.
+_backend_stack: list[str] = []
 # Per-op preference on CUDA for `auto`; backends may refine it (e.g. from an on-disk timing cache).
 _auto_preference: dict[str, Callable[[torch.Tensor], tuple[str, ...]]] = {}
 
@@ -52,9 +53,8 @@ def set_backend(name: str) -> None:
 
 def get_backend() -> str:
     """The requested backend (before per-device resolution)."""
-    ctx = _context_backend.get()
-    if ctx is not None:
-        return ctx
+    if _backend_stack:
+        return _backend_stack[-1]
     if _global_backend is not None:
         return _global_backend
     env = os.environ.get("FCDM_BACKEND", "auto")
@@ -67,11 +67,11 @@ def get_backend() -> str:
 @contextlib.contextmanager
 def use_backend(name: str):
     """Context manager: `with fcdm.use_backend('torch'): model(x, t, y)`."""
-    token = _context_backend.set(_check_name(name))
+    _backend_stack.append(_check_name(name))
     try:
         yield
     finally:
-        _context_backend.reset(token)
+        _backend_stack.pop()
 
 
 def register(op: str, backend: str):

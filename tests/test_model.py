@@ -190,3 +190,14 @@ def test_zoo_command_prints_paper_numbers():
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("FCDM-")}
     assert rows["FCDM-XL"][-2:] == ["698.8M", "64.5"] and rows["FCDM-S"][-2:] == ["32.7M", "3.1"]
     assert rows["FCDM-B"][-2:] == ["127.7M", "12.1"] and rows["FCDM-L"][-2:] == ["504.5M", "48.2"]
+
+
+def test_model_traces_as_one_graph_under_torch_compile():
+    """Backend dispatch must not break the graph: fullgraph=True raises on any graph break."""
+    _, model = make_pair(dtype=torch.float32)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    x, t, y = inputs(dtype=torch.float32)
+    with fcdm.use_backend("torch"):
+        out = compiled(x, t, y)
+        out.square().sum().backward()
+    assert_rel_close(out, model(x, t, y), 1e-6, "compiled forward")
