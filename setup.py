@@ -1,12 +1,13 @@
-"""Build script: the pure-Python packages always; the CUDA extension (csrc/) when it can be built.
+"""Build script: the pure-Python packages always; the CUDA extension fcdm_kernels._C (csrc/) when it can be built.
 
-The extension is built when nvcc and a CUDA build of torch are both present (or FCDM_FORCE_CUDA=1), and skipped with
-one clear line otherwise (or with FCDM_SKIP_CUDA=1). Build with `pip install --no-build-isolation -e .` so the
-extension compiles against the torch you already have.
+    pip install --no-deps --no-build-isolation -e .       # builds the extension against the torch you already have
+
+The extension is built when nvcc, a CUDA build of torch and a GPU are present; FCDM_FORCE_CUDA=1 builds it without a
+GPU (for TORCH_CUDA_ARCH_LIST, default 9.0), FCDM_SKIP_CUDA=1 never builds it. Otherwise one line says why it was
+skipped and the pure-Python package (Triton and torch backends) is installed. See docs/building.md.
 """
-import glob
+import importlib.util
 import os
-import shutil
 import sys
 
 from setuptools import setup
@@ -14,32 +15,49 @@ from setuptools import setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+def load_build_config():
+    # By path: importing the fcdm_kernels.cuda package would try to load the extension this script is about to build.
+    path = os.path.join(ROOT, "fcdm_kernels", "cuda", "build.py")
+    spec = importlib.util.spec_from_file_location("fcdm_cuda_build", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def cuda_extension_modules():
     """Return (ext_modules, cmdclass); empty with a one-line explanation when the extension cannot be built."""
     def skip(reason):
-        print(f"fcdm: skipping the CUDA extension ({reason}); the Triton and torch backends still work", file=sys.stderr)
+        print(f"fcdm: skipping the CUDA extension ({reason}); the Triton and torch backends still work",
+              file=sys.stderr)
         return [], {}
 
     if os.environ.get("FCDM_SKIP_CUDA") == "1":
         return skip("FCDM_SKIP_CUDA=1")
-    sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True)
-                     + glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
+    build = load_build_config()
+    sources = [os.path.relpath(p, ROOT) for p in build.sources()]
     if not sources:
-        return skip("no CUDA sources in csrc/ yet")
+        return skip("no CUDA sources in csrc/")
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
     except ImportError:
         return skip("torch is not importable here; install with --no-build-isolation")
     force = os.environ.get("FCDM_FORCE_CUDA") == "1"
-    if CUDA_HOME is None or shutil.which("nvcc", path=os.path.join(CUDA_HOME, "bin")) is None:
-        return skip("nvcc not found")
-    if torch.version.cuda is None and not force:
+    if torch.version.cuda is None:
         return skip(f"torch {torch.__version__} is a CPU-only build")
+    if CUDA_HOME is None or not os.path.isfile(os.path.join(CUDA_HOME, "bin", "nvcc")):
+        return skip("nvcc not found; set CUDA_HOME to the CUDA toolkit")
+    if not force and not torch.cuda.is_available():
+        return skip("no GPU visible; set FCDM_FORCE_CUDA=1 to build for TORCH_CUDA_ARCH_LIST (default 9.0) anyway")
+    # torch.utils.cpp_extension reads the target architectures from this variable.
+    os.environ["TORCH_CUDA_ARCH_LIST"] = build.default_arch_list()
+    print(f"fcdm: building the CUDA extension for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}",
+          file=sys.stderr)
     ext = CUDAExtension(
         name="fcdm_kernels._C",
         sources=sources,
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17"]},
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args={"cxx": build.CXX_FLAGS, "nvcc": build.NVCC_FLAGS},
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

@@ -129,6 +129,7 @@ def resolve(op: str, x: torch.Tensor) -> str:
     if requested == "auto":
         if x.device.type != "cuda":
             return "torch"
+        _load("cuda")  # lets the CUDA backend install its measured per-shape preference; a no-op if unavailable
         chooser = _auto_preference.get(op)
         order = chooser(x) if chooser is not None else ("triton", "cuda")
         for backend in order:
