@@ -87,6 +87,7 @@ def set_auto_preference(op: str, chooser: Callable[[torch.Tensor], tuple[str, ..
     _auto_preference[op] = chooser
 
 
+@torch.compiler.assume_constant_result  # runs eagerly while torch.compile traces: an import is no graph break
 def _load(backend: str) -> str | None:
     """Import a backend's module once; return None when it loaded, else why not."""
     if backend == "torch":

@@ -1,0 +1,275 @@
+"""Triton dwconv7x7 + bias -> LayerNorm over C (no affine) -> * (1 + scale[b]) + shift[b], forward and backward.
+
+Design: a program owns a tile of pixels of one sample across *all* C channels, so the conv output never leaves
+registers before the LayerNorm statistics are taken; the 3-pixel halo is read through masked shifted loads (zero
+padding). The backward saves nothing but x: it recomputes h0 and the normalised value in the same one-pass shape, then
+runs a channel-blocked stencil pass for dx (the flipped conv) and the per-tile partial sums of dW, which torch reduces.
+
+Reference: fcdm_kernels.reference.dwconv_ln_modulate_reference (maths and backward in /work/shared/KERNELS.md).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import launch
+from .cast import round_to
+
+KSIZE = 7
+TAPS = KSIZE * KSIZE
+
+
+# ----------------------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _dwconv_tile(X, WT, BIAS, offs, oy, ox, mask_p, offs_c, mask_c, H, W, C,
+                 BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr):
+    """fp32 conv7x7 + bias for a (BLOCK_P, BLOCK_C) tile. X points at the sample's first pixel and offs are the tile's
+    int32 offsets from it; WT is (49, C)."""
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    # ky is a runtime loop and kx unrolled: 7 taps in flight is enough to hide latency, and 49 would exhaust the
+    # registers. Each tap is the tile's own offsets shifted by a scalar, under a mask that zero-pads the border.
+    for ky in range(7):
+        iy = oy + (ky - 3)
+        row_ok = mask_p & (iy >= 0) & (iy < H)
+        row_shift = (ky - 3) * W * C
+        for kx in tl.static_range(7):
+            ix = ox + (kx - 3)
+            ok = row_ok & (ix >= 0) & (ix < W)
+            if EVEN_C:
+                xv = tl.load(X + offs + (row_shift + (kx - 3) * C), mask=ok[:, None], other=0.0)
+                wv = tl.load(WT + (ky * 7 + kx) * C + offs_c)
+            else:
+                xv = tl.load(X + offs + (row_shift + (kx - 3) * C), mask=ok[:, None] & mask_c[None, :], other=0.0)
+                wv = tl.load(WT + (ky * 7 + kx) * C + offs_c, mask=mask_c, other=0.0)
+            acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+    bias = tl.load(BIAS + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+    return acc + bias[None, :]
+
+
+@triton.jit
+def _layernorm_tile(h0, mask_c, C, eps):
+    """(normalised value, rstd) of a tile whose rows are pixels; padded channels come out as 0."""
+    mean = tl.sum(h0, axis=1) / C
+    diff = tl.where(mask_c[None, :], h0 - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=1) / C + eps)
+    return diff * rstd[:, None], rstd
+
+
+@triton.jit
+def _dwconv_ln_modulate_fwd_kernel(
+    X,       # (B, H, W, C) input
+    WT,      # (49, C) conv taps, tap-major
+    BIAS,    # (C,)
+    SHIFT,   # (B, C)
+    SCALE,   # (B, C)
+    OUT,     # (B, H, W, C) h
+    H, W, C, eps,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    P = H * W
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < P
+    oy = offs_p // W
+    ox = offs_p % W
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    # 64-bit sample base, 32-bit offsets inside the sample (H*W*C < 2^31 for any FCDM level).
+    x_base = b * P * C
+    offs = offs_p[:, None] * C + offs_c[None, :]
+    h0 = _dwconv_tile(X + x_base, WT, BIAS, offs, oy, ox, mask_p, offs_c, mask_c, H, W, C, BLOCK_P, BLOCK_C, EVEN_C)
+    n, rstd = _layernorm_tile(h0, mask_c, C, eps)
+    shift = tl.load(SHIFT + b * C + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+    scale = tl.load(SCALE + b * C + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+    h = n * (1.0 + scale[None, :]) + shift[None, :]
+    tl.store(OUT + x_base + offs, round_to(h, OUT.dtype.element_ty), mask=mask_p[:, None] & mask_c[None, :])
+
+
+@triton.jit
+def _dwconv_ln_modulate_bwd_norm_kernel(
+    X,            # (B, H, W, C) input (h0 and n are recomputed from it)
+    WT,           # (49, C)
+    BIAS,         # (C,)
+    SCALE,        # (B, C)
+    DH,           # (B, H, W, C) gradient of h
+    DH0,          # (B, H, W, C) out: gradient of the conv output
+    PART_SHIFT,   # (B, n_ptiles, C) fp32 out: per-tile sum of dh
+    PART_SCALE,   # (B, n_ptiles, C) fp32 out: per-tile sum of dh * n
+    PART_BIAS,    # (B, n_ptiles, C) fp32 out: per-tile sum of dh0
+    H, W, C, n_ptiles, eps,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    P = H * W
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < P
+    oy = offs_p // W
+    ox = offs_p % W
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    mask = mask_p[:, None] & mask_c[None, :]
+    x_base = b * P * C
+    offs = offs_p[:, None] * C + offs_c[None, :]
+    h0 = _dwconv_tile(X + x_base, WT, BIAS, offs, oy, ox, mask_p, offs_c, mask_c, H, W, C, BLOCK_P, BLOCK_C, EVEN_C)
+    n, rstd = _layernorm_tile(h0, mask_c, C, eps)
+    dh = tl.load(DH + x_base + offs, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(SCALE + b * C + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+    dn = dh * (1.0 + scale[None, :])
+    # LayerNorm backward: dh0 = rstd * (dn - mean_c(dn) - n * mean_c(dn * n)), per pixel.
+    mean_dn = tl.sum(dn, axis=1) / C
+    mean_dnn = tl.sum(dn * n, axis=1) / C
+    dh0 = rstd[:, None] * (dn - mean_dn[:, None] - n * mean_dnn[:, None])
+    dh0 = tl.where(mask, dh0, 0.0)
+    tl.store(DH0 + x_base + offs, round_to(dh0, DH0.dtype.element_ty), mask=mask)
+    part = (b * n_ptiles + pid_p) * C + offs_c
+    tl.store(PART_SHIFT + part, tl.sum(dh, axis=0), mask=mask_c)
+    tl.store(PART_SCALE + part, tl.sum(dh * n, axis=0), mask=mask_c)
+    tl.store(PART_BIAS + part, tl.sum(dh0, axis=0), mask=mask_c)
+
+
+@triton.jit
+def _dwconv_bwd_input_weight_kernel(
+    X,        # (B, H, W, C) input
+    DH0,      # (B, H, W, C) gradient of the conv output
+    WT,       # (49, C)
+    DX,       # (B, H, W, C) out: dx = conv of dh0 with the flipped kernel
+    PART_W,   # (B * n_ptiles, 49, C) fp32 out: per-tile sum over pixels of dh0 * shifted x
+    H, W, C, n_ptiles,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    pid_c = tl.program_id(2)
+    P = H * W
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < P
+    oy = offs_p // W
+    ox = offs_p % W
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    base = b * P * C
+    own = offs_p[:, None] * C + offs_c[None, :]
+    X = X + base
+    DH0 = DH0 + base
+    DX = DX + base
+    mask = mask_p[:, None] & mask_c[None, :]
+    dh0 = tl.load(DH0 + own, mask=mask, other=0.0).to(tl.float32)
+    dx = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    part_ptrs = PART_W + (b * n_ptiles + pid_p) * 49 * C + offs_c
+    for ky in range(7):
+        # dW[c, ky, kx] gathers x at p + (ky-3, kx-3); dx[p] gathers dh0 at p - (ky-3, kx-3).
+        iy = oy + (ky - 3)
+        jy = oy - (ky - 3)
+        x_row_ok = mask_p & (iy >= 0) & (iy < H)
+        d_row_ok = mask_p & (jy >= 0) & (jy < H)
+        row_shift = (ky - 3) * W * C
+        for kx in tl.static_range(7):
+            shift = row_shift + (kx - 3) * C
+            ix = ox + (kx - 3)
+            ok = x_row_ok & (ix >= 0) & (ix < W)
+            xs = tl.load(X + own + shift, mask=ok[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
+            tl.store(part_ptrs + (ky * 7 + kx) * C, tl.sum(dh0 * xs, axis=0), mask=mask_c)
+            jx = ox - (kx - 3)
+            ok = d_row_ok & (jx >= 0) & (jx < W)
+            ds = tl.load(DH0 + own - shift, mask=ok[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
+            wv = tl.load(WT + (ky * 7 + kx) * C + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+            dx += ds * wv[None, :]
+    tl.store(DX + own, round_to(dx, DX.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------------------- launchers
+def _taps_major(weight: torch.Tensor) -> torch.Tensor:
+    """(C, 7, 7) -> contiguous (49, C), so a tap's weights for a channel block are one coalesced load."""
+    return weight.reshape(weight.shape[0], TAPS).t().contiguous()
+
+
+def dwconv_ln_modulate_forward(x, weight, bias, shift, scale, eps: float) -> torch.Tensor:
+    """Launch the forward kernel; x: (B, H, W, C) -> h: (B, H, W, C)."""
+    B, H, W, C = x.shape
+    cfg = launch.dwconv_config(C, H * W, x.device)
+    out = launch.empty(x.shape, x.dtype, x.device)
+    grid = (triton.cdiv(H * W, cfg.block_p), B)
+    _dwconv_ln_modulate_fwd_kernel[grid](x, _taps_major(weight), bias, shift, scale, out, H, W, C, eps,
+                                         BLOCK_P=cfg.block_p, BLOCK_C=cfg.block_c, EVEN_C=cfg.block_c == C,
+                                         num_warps=cfg.num_warps)
+    return out
+
+
+def dwconv_ln_modulate_backward(dh, x, weight, bias, scale, eps: float):
+    """Launch the two backward passes; returns (dx, dweight (C, 7, 7), dbias, dshift, dscale)."""
+    B, H, W, C = x.shape
+    P = H * W
+    dev = x.device
+    wt = _taps_major(weight)
+    # Pass 1: LayerNorm + modulation backward, one program per pixel tile across all channels.
+    cfg = launch.dwconv_config(C, P, dev)
+    n_ptiles = triton.cdiv(P, cfg.block_p)
+    dh0 = launch.empty(x.shape, x.dtype, dev)
+    part_shift, part_scale, part_bias = (launch.empty((B, n_ptiles, C), torch.float32, dev) for _ in range(3))
+    _dwconv_ln_modulate_bwd_norm_kernel[(n_ptiles, B)](
+        x, wt, bias, scale, dh, dh0, part_shift, part_scale, part_bias, H, W, C, n_ptiles, eps,
+        BLOCK_P=cfg.block_p, BLOCK_C=cfg.block_c, EVEN_C=cfg.block_c == C, num_warps=cfg.num_warps)
+    # Pass 2: the depthwise conv's input and weight gradients, channel-blocked.
+    gcfg = launch.dwconv_grad_config(C, P, dev)
+    g_ptiles = triton.cdiv(P, gcfg.block_p)
+    dx = launch.empty(x.shape, x.dtype, dev)
+    part_w = launch.empty((B * g_ptiles, TAPS, C), torch.float32, dev)
+    _dwconv_bwd_input_weight_kernel[(g_ptiles, B, triton.cdiv(C, gcfg.block_c))](
+        x, dh0, wt, dx, part_w, H, W, C, g_ptiles,
+        BLOCK_P=gcfg.block_p, BLOCK_C=gcfg.block_c, num_warps=gcfg.num_warps)
+    dweight = part_w.sum(0).t().reshape(C, KSIZE, KSIZE)                     # (49, C) -> (C, 7, 7)
+    dbias = part_bias.sum((0, 1))
+    dshift = part_shift.sum(1)
+    dscale = part_scale.sum(1)
+    return dx, dweight.to(x.dtype), dbias.to(x.dtype), dshift.to(x.dtype), dscale.to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------ torch.library op + autograd
+@torch.library.custom_op("fcdm_triton::dwconv_ln_modulate", mutates_args=())
+def dwconv_ln_modulate_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, shift: torch.Tensor,
+                          scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """h from x, in one pass; the contract of fcdm_kernels.ops.dwconv_ln_modulate."""
+    return dwconv_ln_modulate_forward(x, weight, bias, shift, scale, eps)
+
+
+@dwconv_ln_modulate_op.register_fake
+def _(x, weight, bias, shift, scale, eps):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("fcdm_triton::dwconv_ln_modulate_backward", mutates_args=())
+def dwconv_ln_modulate_backward_op(
+        dh: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dbias, dshift, dscale) from the gradient of h; only x and the parameters are saved."""
+    return dwconv_ln_modulate_backward(dh, x, weight, bias, scale, eps)
+
+
+@dwconv_ln_modulate_backward_op.register_fake
+def _(dh, x, weight, bias, scale, eps):
+    return (torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias), torch.empty_like(scale),
+            torch.empty_like(scale))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, shift, scale, eps = inputs
+    ctx.save_for_backward(x, weight, bias, scale)
+    ctx.eps = eps
+
+
+def _backward(ctx, dh):
+    x, weight, bias, scale = ctx.saved_tensors
+    grads = dwconv_ln_modulate_backward_op(dh.contiguous(), x, weight, bias, scale, ctx.eps)
+    return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:5])) + (None,)
+
+
+dwconv_ln_modulate_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------- wrapper
+def dwconv_ln_modulate(x, weight, bias, shift, scale, eps: float = 1e-6):
+    """h = LayerNorm_C(dwconv7x7(x) + bias) * (1 + scale) + shift on NHWC x; arguments checked by fcdm_kernels.ops."""
+    return dwconv_ln_modulate_op(x, weight, bias, shift, scale, float(eps))
