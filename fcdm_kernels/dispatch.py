@@ -151,3 +151,12 @@ def resolve(op: str, x: torch.Tensor) -> str:
 def implementation(op: str, x: torch.Tensor) -> Callable:
     backend = resolve(op, x)
     return _IMPLS[op][backend]
+
+
+def block_implementation(op: str, like_op: str, x: torch.Tensor) -> Callable | None:
+    """The backend-specific implementation of composite `op` on the backend `like_op` resolves to, or None.
+
+    Composite ops (a whole block) are optional per backend: without one, the caller composes the per-op kernels,
+    so asking for a composite never triggers a fallback warning of its own.
+    """
+    return _IMPLS.get(op, {}).get(resolve(like_op, x))

@@ -57,3 +57,20 @@ def grn_mlp(h, x, gate, w1, b1, gamma, beta, w2, b2):
     """
     check_grn_mlp_args(h, x, gate, w1, b1, gamma, beta, w2, b2)
     return dispatch.implementation("grn_mlp", x)(h, x, gate, w1, b1, gamma, beta, w2, b2)
+
+
+def convnext_block(x, shift, scale, gate, dw_weight, dw_bias, w1, b1, gamma, beta, w2, b2):
+    """The whole block: grn_mlp(dwconv_ln_modulate(x, ...), x, ...), all NHWC.
+
+    A backend may register a single `convnext_block` implementation (which can, for example, recompute h from x in
+    the backward instead of saving it); otherwise the block runs as the two ops on the backend that `grn_mlp`
+    resolves to. x: (B, H, W, C); shift, scale, gate: (B, C); dw_weight: (C, 7, 7); dw_bias: (C,); w1: (J, C);
+    b1, gamma, beta: (J,); w2: (C, J); b2: (C,) -> (B, H, W, C).
+    """
+    check_dwconv_ln_modulate_args(x, dw_weight, dw_bias, shift, scale)
+    check_grn_mlp_args(x, x, gate, w1, b1, gamma, beta, w2, b2)
+    fused = dispatch.block_implementation("convnext_block", "grn_mlp", x)
+    if fused is not None:
+        return fused(x, shift, scale, gate, dw_weight, dw_bias, w1, b1, gamma, beta, w2, b2)
+    h = dispatch.implementation("dwconv_ln_modulate", x)(x, dw_weight, dw_bias, shift, scale, LN_EPS)
+    return dispatch.implementation("grn_mlp", x)(h, x, gate, w1, b1, gamma, beta, w2, b2)

@@ -135,3 +135,26 @@ def test_unavailable_backend_falls_back_with_a_single_warning(monkeypatch):
     messages = [str(w.message) for w in caught]
     assert messages and all("falling back" in m for m in messages)
     assert len(messages) == len(set(messages))  # each reason is reported once, not on every call
+
+
+def test_convnext_block_composes_the_two_ops_and_validates():
+    from fcdm_kernels import convnext_block, convnext_block_reference
+    x, w, b, shift, scale = dwconv_args(C=4, H=3, W=5)
+    _, _, gate, w1, b1, gamma, beta, w2, b2 = mlp_args(C=4, H=3, W=5)
+    args = (x, shift, scale, gate, w, b, w1, b1, gamma, beta, w2, b2)
+    with fcdm.use_backend("torch"):
+        out = convnext_block(*args)
+    assert_rel_close(out, convnext_block_reference(*args), 1e-15, "block")
+    with pytest.raises(ValueError, match=r"^gate must have shape"):
+        convnext_block(x, shift, scale, gate[:, :3].contiguous(), w, b, w1, b1, gamma, beta, w2, b2)
+
+
+def test_backend_block_implementation_is_used_when_registered(monkeypatch):
+    from fcdm_kernels import convnext_block
+    calls = []
+    monkeypatch.setitem(dispatch._IMPLS, "convnext_block", {"torch": lambda *a: calls.append(a) or a[0]})
+    x, w, b, shift, scale = dwconv_args(C=4, H=3, W=5)
+    _, _, gate, w1, b1, gamma, beta, w2, b2 = mlp_args(C=4, H=3, W=5)
+    with fcdm.use_backend("torch"):
+        out = convnext_block(x, shift, scale, gate, w, b, w1, b1, gamma, beta, w2, b2)
+    assert len(calls) == 1 and out is x

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from fcdm_kernels import dwconv_ln_modulate, grn_mlp
+from fcdm_kernels import convnext_block
 
 from .embeddings import LabelEmbedder, TimestepEmbedder
 
@@ -55,11 +55,11 @@ class ConvNeXtBlock(nn.Module):
         dt = x.dtype
         C, J = self.dim, self.hidden
         shift, scale, gate = (m.to(dt).contiguous() for m in self.adaLN_modulation(c).chunk(3, dim=1))
-        h = dwconv_ln_modulate(x, self.dwconv.weight.to(dt).view(C, 7, 7), self.dwconv.bias.to(dt), shift, scale)
-        return grn_mlp(h, x, gate,
-                       self.pwconv1.weight.to(dt).view(J, C), self.pwconv1.bias.to(dt),
-                       self.grn.gamma.to(dt).view(J), self.grn.beta.to(dt).view(J),
-                       self.pwconv2.weight.to(dt).view(C, J), self.pwconv2.bias.to(dt))
+        return convnext_block(x, shift, scale, gate,
+                              self.dwconv.weight.to(dt).view(C, 7, 7), self.dwconv.bias.to(dt),
+                              self.pwconv1.weight.to(dt).view(J, C), self.pwconv1.bias.to(dt),
+                              self.grn.gamma.to(dt).view(J), self.grn.beta.to(dt).view(J),
+                              self.pwconv2.weight.to(dt).view(C, J), self.pwconv2.bias.to(dt))
 
 
 class FinalLayer(nn.Module):
