@@ -6,11 +6,14 @@ See docs/kernels.md.
 from __future__ import annotations
 
 from .. import dispatch
+from . import block as block_module
 from . import dwconv_ln_modulate as dwconv_ln_modulate_module
 from . import grn_mlp as grn_mlp_module
 
 dispatch.register("dwconv_ln_modulate", "triton")(dwconv_ln_modulate_module.dwconv_ln_modulate)
 dispatch.register("grn_mlp", "triton")(grn_mlp_module.grn_mlp)
+# The whole block as one op: saves x and pre only (h is recomputed, z is never needed).
+dispatch.register("convnext_block", "triton")(block_module.convnext_block)
 
 
 def _prefer_triton(x):

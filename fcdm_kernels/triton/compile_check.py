@@ -20,6 +20,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from . import block as blk
 from . import dwconv_ln_modulate as dw
 from . import grn_mlp as mlp
 
@@ -55,6 +56,11 @@ def _kernels(dtype: str):
         (mlp._grn_scale_kernel, dict(SS=F, GAMMA=A, S=F, eps="fp32"), dict(BLOCK_J=1024), dict(num_warps=4)),
         (mlp._grn_bwd_coeff_kernel, dict(SS=F, A_SUM=F, GAMMA=A, COEF=F, DGAMMA=F, eps="fp32"),
          dict(BLOCK_J=1024), dict(num_warps=4)),
+        (blk._dw2_dgate_kernel, dict(G=A, US=A, GATE=A, W2=A, PART_W=F, DGATE=F),
+         dict(DOT_FP32=fp32, BLOCK_C=64 if fp32 else 128, BLOCK_J=64 if fp32 else 128, BLOCK_P=32 if fp32 else 64),
+         dict(num_warps=4 if fp32 else 8, num_stages=3)),
+        (blk._gate_scale_bwd_kernel, dict(G=A, GATE=A, DZ=A, GSUM=F, DB2=F),
+         dict(AT_MOST_TWO_SAMPLES=True, BLOCK_M=32, BLOCK_N=256), dict(num_warps=8)),
     ]
 
 

@@ -353,12 +353,13 @@ def _row_grid(M, N, cfg):
     return (triton.cdiv(M, cfg.block_p), triton.cdiv(N, cfg.block_c))
 
 
-def grn_mlp_forward(h, x, gate, w1, b1, gamma, beta, w2, b2, save: bool):
+def grn_mlp_forward(h, x, gate, w1, b1, gamma, beta, w2, b2, save: bool, save_z: bool | None = None):
     """Launch GEMM1+GELU+GRN-stat, the GRN scale and GEMM2+gate+residual.
 
-    Returns out (B, H, W, C), and for the backward pre (B*H*W, J) and z (B*H*W, C) when `save` (else empty),
-    ss and s (B, J) fp32.
+    Returns out (B, H, W, C), and for the backward pre (B*H*W, J) when `save` and z (B*H*W, C) when `save_z`
+    (default: `save`; else empty), ss and s (B, J) fp32.
     """
+    save_z = save if save_z is None else save_z
     B, H, W, C = x.shape
     P, M, J = H * W, B * H * W, w1.shape[0]
     dev, dt = x.device, x.dtype
@@ -378,10 +379,10 @@ def grn_mlp_forward(h, x, gate, w1, b1, gamma, beta, w2, b2, save: bool):
     # GRN's beta passes through pwconv2 as a constant per output channel.
     fbias = torch.addmv(b2.float(), w2.float(), beta.float())
     out = launch.empty((M, C), dt, dev)
-    z = launch.empty((M, C) if save else (0,), dt, dev)
+    z = launch.empty((M, C) if save_z else (0,), dt, dev)
 
     def run(cfg):
-        _launch_gemm2(u, s, w2, fbias, gate, x2, out, z, P, save, cfg)
+        _launch_gemm2(u, s, w2, fbias, gate, x2, out, z, P, save_z, cfg)
     run(launch.gemm_config("gemm2", M, C, J, P, dt, dev, run))
     return out.view(B, H, W, C), pre, z, ss, s
 
@@ -389,7 +390,7 @@ def grn_mlp_forward(h, x, gate, w1, b1, gamma, beta, w2, b2, save: bool):
 def grn_mlp_backward(g, h, gate, w1, gamma, beta, w2, pre, z, ss, s):
     """Gradients (dh, dgate, dw1, db1, dgamma, dbeta, dw2, db2) from the saved pre, z, ss, s (see KERNELS.md)."""
     B, H, W, C = h.shape
-    P, M, J = H * W, B * H * W, w1.shape[0]
+    P, M = H * W, B * H * W
     dev, dt = h.device, h.dtype
     g2, h2 = g.reshape(M, C), h.reshape(M, C)
 
@@ -401,21 +402,40 @@ def grn_mlp_backward(g, h, gate, w1, gamma, beta, w2, pre, z, ss, s):
                                           AT_MOST_TWO_SAMPLES=rc.block_p <= P, BLOCK_M=rc.block_p,
                                           BLOCK_N=rc.block_c, num_warps=rc.num_warps)
 
-    us = launch.empty((M, J), dt, dev)
-    a_sum = torch.zeros((B, J), dtype=torch.float32, device=dev)
-    dot_fp32 = launch.dot_in_fp32(dt, dev)
-
-    def run_stats(cfg, a_sum):
-        grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(J, cfg.block_n),)
-        _dy_grn_stats_kernel[grid](dz, w2, pre, s, us, a_sum, M, J, C, P, DOT_FP32=dot_fp32,
-                                   AT_MOST_TWO_SAMPLES=cfg.block_m <= P, **cfg.meta())
-    run_stats(launch.gemm_config("dy_stats", M, J, C, P, dt, dev, lambda c: run_stats(c, torch.zeros_like(a_sum))),
-              a_sum)
+    us, a_sum = dy_grn_stats(dz, w2, pre, s, P)
     dw2 = torch.matmul(dz.t(), us)                                   # (C, M) x (M, J) -> (C, J)
     del us
     # The folded bias W2 beta depends on W2 too.
     dw2 = (dw2.float() + torch.outer(db2, beta.float())).to(dt)
+    dh, dw1, db1, dgamma = hidden_backward(dz, w1, w2, pre, ss, s, a_sum, gamma, h2)
+    # Every pixel's dy sums to db2 W2, so beta's gradient needs no pass over the activations.
+    dbeta = torch.mv(w2.float().t(), db2)
+    return (dh.view(B, H, W, C), dgate.to(dt), dw1, db1, dgamma, dbeta.to(dt), dw2, db2.to(dt))
 
+
+def dy_grn_stats(dz, w2, pre, s, P):
+    """From dz (M, C): us = u * s (M, J), GEMM2's A operand, and a_sum (B, J) fp32 = sum over pixels of dy * u."""
+    M, C = dz.shape
+    J = w2.shape[1]
+    dev, dt = dz.device, dz.dtype
+    us = launch.empty((M, J), dt, dev)
+    a_sum = torch.zeros((s.shape[0], J), dtype=torch.float32, device=dev)
+
+    def run_stats(cfg, a_sum):
+        grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(J, cfg.block_n),)
+        _dy_grn_stats_kernel[grid](dz, w2, pre, s, us, a_sum, M, J, C, P, DOT_FP32=launch.dot_in_fp32(dt, dev),
+                                   AT_MOST_TWO_SAMPLES=cfg.block_m <= P, **cfg.meta())
+    run_stats(launch.gemm_config("dy_stats", M, J, C, P, dt, dev, lambda c: run_stats(c, torch.zeros_like(a_sum))),
+              a_sum)
+    return us, a_sum
+
+
+def hidden_backward(dz, w1, w2, pre, ss, s, a_sum, gamma, h2):
+    """From dz (M, C) and the GRN statistics: (dh (M, C), dw1, db1, dgamma) through GRN, GELU and pwconv1."""
+    M, C = dz.shape
+    B, J = s.shape
+    P = M // B
+    dev, dt = dz.device, dz.dtype
     coef = launch.empty((B, J), torch.float32, dev)
     dgamma_b = launch.empty((B, J), torch.float32, dev)
     _grn_bwd_coeff_kernel[(B,)](ss, a_sum, gamma, coef, dgamma_b, J, GRN_EPS, BLOCK_J=launch.vector_block(J, dev))
@@ -425,14 +445,12 @@ def grn_mlp_backward(g, h, gate, w1, gamma, beta, w2, pre, z, ss, s):
 
     def run_gelu(cfg, db1):
         grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(J, cfg.block_n),)
-        _dy_gelu_bwd_kernel[grid](dz, w2, pre, s, coef, dpre, db1, M, J, C, P, DOT_FP32=dot_fp32,
+        _dy_gelu_bwd_kernel[grid](dz, w2, pre, s, coef, dpre, db1, M, J, C, P, DOT_FP32=launch.dot_in_fp32(dt, dev),
                                   AT_MOST_TWO_SAMPLES=cfg.block_m <= P, **cfg.meta())
     run_gelu(launch.gemm_config("dy_gelu", M, J, C, P, dt, dev, lambda c: run_gelu(c, torch.zeros_like(db1))), db1)
-    dh = torch.matmul(dpre, w1).view(B, H, W, C)                     # (M, J) x (J, C) -> (M, C)
+    dh = torch.matmul(dpre, w1)                                      # (M, J) x (J, C) -> (M, C)
     dw1 = torch.matmul(dpre.t(), h2)                                 # (J, M) x (M, C) -> (J, C)
-    # Every pixel's dy sums to db2 W2, so beta's gradient needs no pass over the activations.
-    dbeta = torch.mv(w2.float().t(), db2)
-    return (dh, dgate.to(dt), dw1, db1.to(dt), dgamma_b.sum(0).to(dt), dbeta.to(dt), dw2, db2.to(dt))
+    return dh, dw1, db1.to(dt), dgamma_b.sum(0).to(dt)
 
 
 # ------------------------------------------------------------------------------------------ torch.library op + autograd

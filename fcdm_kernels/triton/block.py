@@ -1,0 +1,238 @@
+"""The whole FCDM block as one Triton op, saving for its backward only x, pre (the GELU input) and small vectors.
+
+The two ops composed (dwconv_ln_modulate, then grn_mlp) save x, h, pre and z: 12 C bytes per pixel in bf16. This op
+saves x and pre (2 C + 6 C) plus per-sample vectors, and in its backward
+* recomputes h from x with the dwconv_ln_modulate forward kernel (memory-bound: reads x, writes h), and
+* never needs z: dgate[b, c] = sum_p g z = sum_k M_b[c, k] W2[c, k] + fbias[c] sum_p g[b, p, c], with
+  M_b = g_b^T (u s)_b, the per-sample slice of the dW2 product. One Triton GEMM accumulates M_b tile by tile, adds
+  gate[b] * M_b into dW2 and reduces M_b * W2 into dgate at the end of each sample, so dgate costs no extra tensor-core
+  FLOPs, and neither z nor the (B, C, J) stack of M_b is ever stored. (dW2 = sum_b gate[b] M_b + db2 beta^T: the
+  folded bias W2 beta + b2 depends on W2 as well.)
+
+Everything else reuses the kernels of dwconv_ln_modulate.py and grn_mlp.py (maths in /work/shared/KERNELS.md).
+Reference: fcdm_kernels.reference.convnext_block_reference.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..reference import LN_EPS
+from . import grn_mlp as mlp
+from . import launch
+from .cast import round_to
+from .dwconv_ln_modulate import dwconv_ln_modulate_backward, dwconv_ln_modulate_forward
+
+_H100_SMS = 132  # programs to fill when choosing the dW2 split over samples
+
+
+# ----------------------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _gate_scale_bwd_kernel(
+    G,       # (M, N) gradient of out
+    GATE,    # (B, N)
+    DZ,      # (M, N) out: g * gate
+    GSUM,    # (B, N) fp32, zero-initialised: sum over pixels of g
+    DB2,     # (N,) fp32, zero-initialised: sum over all rows of dz
+    M, N, P,
+    AT_MOST_TWO_SAMPLES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < M
+    col_mask = cols < N
+    mask = row_mask[:, None] & col_mask[None, :]
+    row0 = (pid_m * BLOCK_M).to(tl.int64)
+    idx = tl.arange(0, BLOCK_M)[:, None] * N + cols[None, :]
+    g = tl.load(G + row0 * N + idx, mask=mask, other=0.0).to(tl.float32)
+    row_end = tl.minimum(pid_m * BLOCK_M + BLOCK_M, M)
+    gate = mlp._per_sample_tile(GATE, rows, pid_m * BLOCK_M, row_end, cols, col_mask, P, N, AT_MOST_TWO_SAMPLES)
+    dz = g * gate
+    tl.store(DZ + row0 * N + idx, round_to(dz, DZ.dtype.element_ty), mask=mask)
+    tl.atomic_add(DB2 + cols, tl.sum(dz, axis=0), mask=col_mask)
+    mlp._add_per_sample(GSUM, g, rows, pid_m * BLOCK_M, row_end, cols, col_mask, P, N)
+
+
+@triton.jit
+def _dw2_dgate_kernel(
+    G,       # (B * P, C) gradient of out
+    US,      # (B * P, J) u * s, GEMM2's A operand
+    GATE,    # (B, C)
+    W2,      # (C, J) pwconv2 weight
+    PART_W,  # (n_splits, C, J) fp32 out: sum over this split's samples of gate[b] * M_b
+    DGATE,   # (B, C) fp32, zero-initialised: sum over j of M_b * W2 (the z-part of dgate)
+    C, J, P, samples_per_split, B,
+    DOT_FP32: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    # M_b[c, j] = sum_p g[b, p, c] us[b, p, j] lives only in this tile's accumulator, one sample at a time.
+    pid_cj = tl.program_id(0)
+    split = tl.program_id(1)
+    num_j = tl.cdiv(J, BLOCK_J)
+    cs = (pid_cj // num_j) * BLOCK_C + tl.arange(0, BLOCK_C)
+    js = (pid_cj % num_j) * BLOCK_J + tl.arange(0, BLOCK_J)
+    c_mask = cs < C
+    j_mask = js < J
+    cj_mask = c_mask[:, None] & j_mask[None, :]
+    # Kept in the storage dtype: an fp32 copy would cost the registers of a third accumulator.
+    w2 = tl.load(W2 + cs[:, None] * J + js[None, :], mask=cj_mask, other=0.0)
+    acc_w = tl.zeros((BLOCK_C, BLOCK_J), dtype=tl.float32)
+    b_first = split * samples_per_split
+    b_last = tl.minimum(b_first + samples_per_split, B)
+    for i in range(0, b_last - b_first):
+        b = b_first + i                                 # a tensor, also under the interpreter
+        base = b.to(tl.int64) * P
+        m = tl.zeros((BLOCK_C, BLOCK_J), dtype=tl.float32)
+        for p0 in range(0, P, BLOCK_P):
+            ps = p0 + tl.arange(0, BLOCK_P)
+            p_mask = ps < P
+            # g read transposed: a (BLOCK_C, BLOCK_P) tile of the row-major (pixels, C) gradient.
+            gt = tl.load(G + (base + ps[None, :]) * C + cs[:, None], mask=c_mask[:, None] & p_mask[None, :],
+                         other=0.0)
+            us = tl.load(US + (base + ps[:, None]) * J + js[None, :], mask=p_mask[:, None] & j_mask[None, :],
+                         other=0.0)
+            if DOT_FP32:
+                m = tl.dot(gt.to(tl.float32), us.to(tl.float32), m, input_precision="ieee")
+            else:
+                m = tl.dot(gt, us, m)
+        gate = tl.load(GATE + b * C + cs, mask=c_mask, other=0.0).to(tl.float32)
+        acc_w += gate[:, None] * m
+        tl.atomic_add(DGATE + b * C + cs, tl.sum(m * w2.to(tl.float32), axis=1), mask=c_mask)
+    tl.store(PART_W + (split.to(tl.int64) * C + cs[:, None]) * J + js[None, :], acc_w, mask=cj_mask)
+
+
+# ---------------------------------------------------------------------------------------------------------- launchers
+def _dw2_dgate_tiles(C: int, J: int, P: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """Tile of the dW2 + dgate GEMM: (C, J) output tile and the pixel step of its per-sample reduction."""
+    pow2 = triton.next_power_of_2
+    if launch.interpreting(device):
+        return dict(BLOCK_C=min(max(pow2(C), 16), 64), BLOCK_J=min(max(pow2(J), 16), 128),
+                    BLOCK_P=min(max(pow2(P), 16), 64), num_warps=1, num_stages=1)
+    if dtype == torch.float32:
+        return dict(BLOCK_C=64, BLOCK_J=64, BLOCK_P=32, num_warps=4, num_stages=3)
+    return dict(BLOCK_C=128, BLOCK_J=128, BLOCK_P=64, num_warps=8, num_stages=3)
+
+
+def dw2_dgate(g2, us, gate, w2, P):
+    """(dW2 without its db2 beta^T term, fp32 (C, J); the z-part of dgate, fp32 (B, C)) from g and u * s."""
+    M, C = g2.shape
+    B, J = gate.shape[0], us.shape[1]
+    dev = g2.device
+    meta = _dw2_dgate_tiles(C, J, P, g2.dtype, dev)
+    tiles = triton.cdiv(C, meta["BLOCK_C"]) * triton.cdiv(J, meta["BLOCK_J"])
+    # Split the samples so that small (C, J) grids still fill the GPU; the interpreter splits in two so tests cover it.
+    splits = min(B, 2) if launch.interpreting(dev) else min(B, max(1, triton.cdiv(2 * _H100_SMS, tiles)))
+    per_split = triton.cdiv(B, splits)
+    splits = triton.cdiv(B, per_split)
+    part_w = launch.empty((splits, C, J), torch.float32, dev)
+    dgate = torch.zeros((B, C), dtype=torch.float32, device=dev)
+    _dw2_dgate_kernel[(tiles, splits)](g2, us, gate, w2, part_w, dgate, C, J, P, per_split, B,
+                                       DOT_FP32=launch.dot_in_fp32(g2.dtype, dev), **meta)
+    return part_w.sum(0) if splits > 1 else part_w[0], dgate
+
+
+def convnext_block_forward(x, shift, scale, gate, dw_weight, dw_bias, w1, b1, gamma, beta, w2, b2, save: bool):
+    """out (B, H, W, C); with `save`, pre (B*H*W, J) for the backward (else empty); ss and s (B, J) fp32."""
+    h = dwconv_ln_modulate_forward(x, dw_weight, dw_bias, shift, scale, LN_EPS)
+    out, pre, _, ss, s = mlp.grn_mlp_forward(h, x, gate, w1, b1, gamma, beta, w2, b2, save, save_z=False)
+    return out, pre, ss, s
+
+
+def convnext_block_backward(g, x, shift, scale, gate, dw_weight, dw_bias, w1, gamma, beta, w2, b2, pre, ss, s):
+    """All twelve input gradients from g, x, pre, the GRN vectors and the parameters (see the module docstring)."""
+    B, H, W, C = x.shape
+    P, M = H * W, B * H * W
+    dev, dt = x.device, x.dtype
+    g2 = g.reshape(M, C)
+    h2 = dwconv_ln_modulate_forward(x, dw_weight, dw_bias, shift, scale, LN_EPS).view(M, C)  # recomputed h
+
+    rc = launch.rows_config(C, dev)
+    dz = launch.empty((M, C), dt, dev)
+    gsum = torch.zeros((B, C), dtype=torch.float32, device=dev)
+    db2 = torch.zeros((C,), dtype=torch.float32, device=dev)
+    _gate_scale_bwd_kernel[(triton.cdiv(M, rc.block_p), triton.cdiv(C, rc.block_c))](
+        g2, gate, dz, gsum, db2, M, C, P, AT_MOST_TWO_SAMPLES=rc.block_p <= P, BLOCK_M=rc.block_p,
+        BLOCK_N=rc.block_c, num_warps=rc.num_warps)
+
+    us, a_sum = mlp.dy_grn_stats(dz, w2, pre, s, P)
+    dw2, dgate = dw2_dgate(g2, us, gate, w2, P)
+    del us
+    beta32 = beta.float()
+    # z = (u s) W2^T + fbias, so sum_p g z has a bias part fbias * sum_p g; fbias = W2 beta + b2 makes dW2 pick up
+    # db2 beta^T as well.
+    dgate = dgate + gsum * torch.addmv(b2.float(), w2.float(), beta32)[None, :]
+    dw2 = dw2 + torch.outer(db2, beta32)
+    dh, dw1, db1, dgamma = mlp.hidden_backward(dz, w1, w2, pre, ss, s, a_sum, gamma, h2)
+    del h2, dz
+    dx_conv, ddw, ddb, dshift, dscale = dwconv_ln_modulate_backward(dh.view(B, H, W, C), x, dw_weight, dw_bias,
+                                                                    scale, LN_EPS)
+    dx = g + dx_conv                                       # the residual's gradient plus the conv path's
+    dbeta = torch.mv(w2.float().t(), db2)                  # every pixel's dy sums to db2 W2
+    return (dx, dshift, dscale, dgate.to(dt), ddw, ddb, dw1, db1, dgamma, dbeta.to(dt), dw2.to(dt), db2.to(dt))
+
+
+# ------------------------------------------------------------------------------------------ torch.library op + autograd
+@torch.library.custom_op("fcdm_triton::convnext_block", mutates_args=())
+def convnext_block_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, gate: torch.Tensor,
+                      dw_weight: torch.Tensor, dw_bias: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
+                      gamma: torch.Tensor, beta: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, save: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, pre, ss, s): the block's result and what its backward needs (pre empty unless `save`)."""
+    return convnext_block_forward(x, shift, scale, gate, dw_weight, dw_bias, w1, b1, gamma, beta, w2, b2, save)
+
+
+@convnext_block_op.register_fake
+def _(x, shift, scale, gate, dw_weight, dw_bias, w1, b1, gamma, beta, w2, b2, save):
+    B, H, W, C = x.shape
+    M, J = B * H * W, w1.shape[0]
+    return (torch.empty_like(x), x.new_empty((M, J) if save else (0,)), x.new_empty((B, J), dtype=torch.float32),
+            x.new_empty((B, J), dtype=torch.float32))
+
+
+@torch.library.custom_op("fcdm_triton::convnext_block_backward", mutates_args=())
+def convnext_block_backward_op(
+        g: torch.Tensor, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, gate: torch.Tensor,
+        dw_weight: torch.Tensor, dw_bias: torch.Tensor, w1: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
+        w2: torch.Tensor, b2: torch.Tensor, pre: torch.Tensor, ss: torch.Tensor, s: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of (x, shift, scale, gate, dw_weight, dw_bias, w1, b1, gamma, beta, w2, b2) from that of out."""
+    return convnext_block_backward(g, x, shift, scale, gate, dw_weight, dw_bias, w1, gamma, beta, w2, b2, pre, ss, s)
+
+
+@convnext_block_backward_op.register_fake
+def _(g, x, shift, scale, gate, dw_weight, dw_bias, w1, gamma, beta, w2, b2, pre, ss, s):
+    return (torch.empty_like(x), torch.empty_like(shift), torch.empty_like(scale), torch.empty_like(gate),
+            torch.empty_like(dw_weight), torch.empty_like(dw_bias), torch.empty_like(w1),
+            w1.new_empty(w1.shape[:1]), torch.empty_like(gamma), torch.empty_like(beta), torch.empty_like(w2),
+            torch.empty_like(b2))
+
+
+def _setup_context(ctx, inputs, output):
+    x, shift, scale, gate, dw_weight, dw_bias, w1, b1, gamma, beta, w2, b2, save = inputs
+    _, pre, ss, s = output
+    # No (B, H, W, C) tensor besides x: h is recomputed from x and z is never needed (module docstring).
+    ctx.save_for_backward(x, shift, scale, gate, dw_weight, dw_bias, w1, gamma, beta, w2, b2, pre, ss, s)
+    ctx.saved_activations = save
+
+
+def _backward(ctx, g, *unused_grads):
+    if not ctx.saved_activations:
+        raise RuntimeError("fcdm_triton::convnext_block was called with save=False, so it cannot be differentiated")
+    grads = convnext_block_backward_op(g.contiguous(), *ctx.saved_tensors)
+    return tuple(gr if need else None for gr, need in zip(grads, ctx.needs_input_grad[:12])) + (None,)
+
+
+convnext_block_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------- wrapper
+def convnext_block(x, shift, scale, gate, dw_weight, dw_bias, w1, b1, gamma, beta, w2, b2):
+    """The whole block on NHWC x; arguments checked by fcdm_kernels.ops.convnext_block."""
+    args = (x, shift, scale, gate, dw_weight, dw_bias, w1, b1, gamma, beta, w2, b2)
+    # pre is written only when a gradient can flow.
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in args)
+    return convnext_block_op(*args, save)[0]
