@@ -1,0 +1,56 @@
+"""Turn parsed flags into the objects the loop needs: the dataset, the model and (optionally) the VAE."""
+from __future__ import annotations
+
+import torch
+
+import fcdm
+from fcdm.data import ImageFolderDataset, LatentStore, NpyFeatureDataset, ProceduralShapes
+
+
+def build_dataset(args):
+    """The training set for args.data_source; sets args.in_channels, args.input_size and args.num_classes."""
+    if args.data_source == "procedural":
+        dataset = ProceduralShapes(args.image_size, args.dataset_size, seed=args.global_seed)
+        channels, size, classes = 3, args.image_size, dataset.num_classes
+    elif args.data_source in ("imagefolder", "imagefolder_latent"):
+        dataset = ImageFolderDataset(args.data_path, args.image_size)
+        channels, size, classes = 3, args.image_size, dataset.num_classes   # latents: fixed up after the VAE loads
+    elif args.data_source == "npy":
+        dataset = NpyFeatureDataset(args.feature_path, args.label_path)
+        channels, size, classes = dataset.channels, dataset.latent_size, args.num_classes or 1000
+    else:
+        dataset = LatentStore(args.latent_store, args.vae_scaling_factor)
+        channels, size, classes = dataset.channels, dataset.latent_size, dataset.num_classes
+    if args.in_channels is not None and args.in_channels != channels and args.data_source != "imagefolder_latent":
+        raise ValueError(f"--in-channels {args.in_channels} does not match the data, which has {channels} channels")
+    if args.num_classes is not None and args.num_classes < classes:
+        raise ValueError(f"--num-classes {args.num_classes} is smaller than the data's {classes} classes")
+    args.in_channels = args.in_channels or channels
+    args.input_size = size
+    args.num_classes = args.num_classes or classes
+    return dataset
+
+
+def load_vae(args, device):
+    """The diffusers AutoencoderKL named by --vae, frozen, or None."""
+    if not args.vae:
+        return None
+    from fcdm.data.extract import load_vae as load
+    vae = load(args.vae, device)
+    if args.data_source == "imagefolder_latent":
+        with torch.no_grad():
+            probe = vae.encode(torch.zeros(1, 3, args.image_size, args.image_size, device=device)).latent_dist.mean
+        args.in_channels, args.input_size = probe.shape[1], probe.shape[-1]
+    return vae
+
+
+def build_model(args) -> torch.nn.Module:
+    """An FCDM from --model, with --hidden-size / --depth overrides, sized for the data."""
+    if args.input_size % 4:
+        raise ValueError(f"the model input must be divisible by 4 (two downsamplings), got {args.input_size}px")
+    model = fcdm.FCDM(in_channels=args.in_channels, hidden_size=args.hidden_size, depth=tuple(args.depth),
+                      num_classes=args.num_classes, learn_sigma=args.learn_sigma,
+                      class_dropout_prob=args.class_dropout_prob)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing()
+    return model

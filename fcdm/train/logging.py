@@ -1,0 +1,66 @@
+"""Run output on rank 0: a tqdm bar, log.txt, metrics.jsonl, and TensorBoard when it is installed."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+from tqdm import tqdm
+
+
+class RunLogger:
+    """Writes nothing on ranks other than 0, so callers need no rank checks."""
+
+    def __init__(self, run_dir: str | None, enabled: bool, total_steps: int = 0, initial_step: int = 0,
+                 progress: bool = True):
+        self.enabled = enabled and run_dir is not None
+        self.bar = None
+        self.tb = None
+        self._log = self._metrics = None
+        if not self.enabled:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        self._log = open(os.path.join(run_dir, "log.txt"), "a", buffering=1)
+        # On resume, lines for steps after the checkpoint may repeat; the later line for a step wins.
+        self._metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        except ImportError:
+            self.tb = None
+        if progress:
+            self.bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True)
+
+    def info(self, msg: str) -> None:
+        if not self.enabled:
+            return
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        (self.bar.write if self.bar is not None else print)(msg)
+        self._log.write(f"[{stamp}] {msg}\n")
+
+    def metrics(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
+        self._metrics.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, step)
+
+    def advance(self, n: int = 1, postfix: dict | None = None) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+            if postfix:
+                self.bar.set_postfix(postfix, refresh=False)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        self._log.close()
+        self._metrics.close()
