@@ -36,3 +36,12 @@ def seed_everything():
 def device():
     """The device kernel tests run on: CUDA when present, else CPU (Triton interpreter)."""
     return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+@pytest.fixture
+def single_thread():
+    """For modules of tiny tensors: one thread is faster than two and immune to oversubscribed CI cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

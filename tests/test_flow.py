@@ -10,13 +10,7 @@ from fcdm.sampling import generate
 from tests.numerics import assert_rel_close
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """These tensors are tiny: one thread is faster than two and immune to oversubscribed CI cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: see conftest
 
 
 def test_linear_path_conversions_fp64():

@@ -8,13 +8,7 @@ from fcdm.objectives import build_objective
 from fcdm.sampling import generate
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """These tensors are tiny: one thread is faster than two and immune to oversubscribed CI cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: see conftest
 
 
 class RecordingModel(torch.nn.Module):

@@ -155,6 +155,8 @@ def test_label_dropout_uses_null_class_in_training_only():
     assert torch.equal(model.y_embedder_1(y, train=True), table[[7, 7, 7]])
     model.eval()
     assert torch.equal(model.y_embedder_1(y, train=False), table[y])
+    with pytest.raises(ValueError, match="label_dropout"):
+        FCDM(**SMALL, label_dropout="sometimes")
     no_null = FCDM(**SMALL, class_dropout_prob=0.0)
     assert no_null.y_embedder_1.embedding_table.num_embeddings == SMALL["num_classes"]  # as the official code
 
@@ -202,3 +204,20 @@ def test_model_traces_as_one_graph_under_torch_compile():
         out = compiled(x, t, y)
         out.square().sum().backward()
     assert_rel_close(out, model(x, t, y), 1e-6, "compiled forward")
+
+
+@pytest.mark.parametrize("mode", ["shared", "per_level"])
+def test_label_dropout_is_shared_across_levels_unless_official_mode(mode):
+    model = FCDM(**SMALL, class_dropout_prob=0.5, label_dropout=mode).train()
+    y = torch.arange(7).repeat(40)  # 280 labels, none of them null
+    captured = []
+    for lv in (1, 2, 3):
+        table = getattr(model, f"y_embedder_{lv}").embedding_table
+        table.register_forward_hook(lambda mod, inp, out: captured.append(inp[0]))
+    model.condition(torch.zeros(len(y)), y)
+    null = [labels == SMALL["num_classes"] for labels in captured]
+    assert 0.3 < null[0].float().mean() < 0.7
+    if mode == "shared":
+        assert torch.equal(null[0], null[1]) and torch.equal(null[0], null[2])
+    else:  # independent draws per level, as the official code does
+        assert not torch.equal(null[0], null[1])

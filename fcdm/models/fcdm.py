@@ -110,7 +110,7 @@ class FCDM(nn.Module):
 
     def __init__(self, in_channels: int = 4, hidden_size: int = 512, depth=(2, 4, 8, 4, 2), mlp_ratio: float = 3,
                  class_dropout_prob: float = 0.1, num_classes: int = 1000, learn_sigma: bool = True,
-                 grad_checkpointing: bool = False, **unused):
+                 grad_checkpointing: bool = False, label_dropout: str = "shared", **unused):
         super().__init__()
         if len(depth) != 5:
             raise ValueError(f"depth must list 5 block counts (enc1, enc2, latent, dec2, dec1), got {depth!r}")
@@ -123,6 +123,12 @@ class FCDM(nn.Module):
         self.num_classes, self.learn_sigma = num_classes, learn_sigma
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.grad_checkpointing = grad_checkpointing
+        if label_dropout not in ("shared", "per_level"):
+            raise ValueError(f"label_dropout must be 'shared' or 'per_level', got {label_dropout!r}")
+        # The official code draws the CFG label dropout independently in each level's embedder, so a training sample
+        # is unconditional at all three levels (as every CFG sampling step is) only 0.1% of the time. "shared" drops a
+        # label at every level at once; "per_level" reproduces the official behaviour exactly.
+        self.label_dropout = label_dropout
 
         for level, width in ((1, C), (2, 2 * C), (3, 4 * C)):
             self.add_module(f"t_embedder_{level}", TimestepEmbedder(width))
@@ -189,7 +195,11 @@ class FCDM(nn.Module):
 
     def condition(self, t: torch.Tensor, y: torch.Tensor):
         """Per-level conditions c_l = t_emb_l + y_emb_l; (N,), (N,) -> three (N, W_l) tensors."""
-        return [getattr(self, f"t_embedder_{lv}")(t) + getattr(self, f"y_embedder_{lv}")(y, self.training)
+        drop_per_level = self.training
+        if self.training and self.label_dropout == "shared" and self.y_embedder_1.dropout_prob > 0:
+            y = self.y_embedder_1.drop_labels(y)  # one draw for all levels
+            drop_per_level = False
+        return [getattr(self, f"t_embedder_{lv}")(t) + getattr(self, f"y_embedder_{lv}")(y, drop_per_level)
                 for lv in (1, 2, 3)]
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
