@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from fcdm import FCDM_models, set_backend
-from fcdm.load import CheckpointError, fit_state, read_model_state
+from fcdm.load import CheckpointError, fit_state, read_checkpoint_args, read_model_state
 from fcdm.objectives import OBJECTIVES, build_objective
 from fcdm.sampling import generate, seeded_batch
 
@@ -39,10 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--ckpt", required=True, help="checkpoint: fcdm/official dict with 'ema'/'model', or a state_dict")
-    g.add_argument("--model", choices=list(FCDM_models), default="FCDM-XL")
-    g.add_argument("--image-size", type=int, default=256, help="pixels; the latent is image-size / VAE factor (8)")
-    g.add_argument("--num-classes", type=int, default=1000)
-    g.add_argument("--in-channels", type=int, default=4)
+    # These default to the checkpoint's training args when it stores them (fcdm and official checkpoints do),
+    # else to CHECKPOINT_FREE_DEFAULTS; a flag given on the command line always wins.
+    g.add_argument("--model", choices=list(FCDM_models), default=None, help="default: the checkpoint's, or FCDM-XL")
+    g.add_argument("--image-size", type=int, default=None,
+                   help="pixels; the latent is image-size / VAE factor (8). Default: the checkpoint's, or 256")
+    g.add_argument("--num-classes", type=int, default=None, help="default: the checkpoint's, or 1000")
+    g.add_argument("--in-channels", type=int, default=None, help="default: the checkpoint's, or 4")
     g.add_argument("--learn-sigma", action=argparse.BooleanOptionalAction, default=None,
                    help="model outputs 2*C channels (default: read from the checkpoint)")
     g.add_argument("--prefer-ema", action=argparse.BooleanOptionalAction, default=True,
@@ -50,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backend", choices=["auto", "torch", "triton", "cuda"], default=None,
                    help="fused-op backend (default: FCDM_BACKEND or auto)")
     g = p.add_argument_group("sampler")
-    g.add_argument("--objective", choices=list(OBJECTIVES), default="ddpm")
+    g.add_argument("--objective", choices=list(OBJECTIVES), default=None, help="default: the checkpoint's, or ddpm")
     g.add_argument("--prediction", choices=["velocity", "noise", "score"], default="velocity",
                    help="flow objective: what the model predicts")
     g.add_argument("--sampler", choices=["ddpm", "ddim", "euler", "heun", "sde"], default=None,
@@ -73,9 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--global-seed", type=int, default=0)
     g.add_argument("--labels", choices=["random", "balanced"], default="random",
                    help="random (official protocol) or class-balanced (sample i gets class i mod num_classes)")
-    g.add_argument("--vae", default="stabilityai/sd-vae-ft-ema",
+    g.add_argument("--vae", default=None,
                    help="diffusers AutoencoderKL: hub name or local directory; 'none' for pixel-space models")
-    g.add_argument("--vae-scaling-factor", type=float, default=0.18215)
+    g.add_argument("--vae-scaling-factor", type=float, default=None, help="default: the checkpoint's, or 0.18215")
     g.add_argument("--sample-dir", default="samples")
     g.add_argument("--run-name", default=None, help="sub-directory name (default: derived from the settings)")
     g.add_argument("--save-png", action=argparse.BooleanOptionalAction, default=False, help="also write PNGs")
@@ -85,9 +88,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+CHECKPOINT_FREE_DEFAULTS = dict(model="FCDM-XL", image_size=256, num_classes=1000, in_channels=4, objective="ddpm",
+                                vae="stabilityai/sd-vae-ft-ema", vae_scaling_factor=0.18215)
+
+
+def fill_from_checkpoint(args: argparse.Namespace) -> None:
+    """Fill the model flags left unset from the checkpoint's stored training args, then from the defaults."""
+    stored = read_checkpoint_args(args.ckpt) if os.path.isfile(args.ckpt) else {}
+    args.hidden_size = args.depth = None
+    if args.model is None and stored.get("model") in FCDM_models:
+        args.model = stored["model"]
+        # A checkpoint trained with a custom width/depth stores them; the named config's values are the fallback.
+        args.hidden_size, args.depth = stored.get("hidden_size"), stored.get("depth")
+    for key, default in CHECKPOINT_FREE_DEFAULTS.items():
+        if getattr(args, key) is None:
+            value = stored.get(key, default)
+            if key == "image_size" and "image_size" not in stored and "input_size" in stored:
+                value = None  # latent size only: cannot tell the pixel size without the VAE
+            if key == "vae" and key in stored and not value:
+                value = "none"  # trained in pixel space
+            setattr(args, key, default if value is None else value)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
+    fill_from_checkpoint(args)
     args.sampler = args.sampler or OBJECTIVES[args.objective].default_sampler
     if args.sampler not in SAMPLERS[args.objective]:
         parser.error(f"--sampler {args.sampler} does not fit --objective {args.objective}; "
@@ -162,8 +188,9 @@ def build_model(args, state: dict) -> torch.nn.Module:
     if not has_null and args.cfg_scale != 1:
         fail("the checkpoint has no null-label row (trained without label dropout); use --cfg-scale 1")
     args.learn_sigma = learn_sigma
+    shape = {} if args.hidden_size is None else dict(hidden_size=int(args.hidden_size), depth=tuple(args.depth))
     return FCDM_models[args.model](in_channels=args.in_channels, num_classes=args.num_classes,
-                                   learn_sigma=learn_sigma, class_dropout_prob=0.1 if has_null else 0.0)
+                                   learn_sigma=learn_sigma, class_dropout_prob=0.1 if has_null else 0.0, **shape)
 
 
 def load_vae(args, device):

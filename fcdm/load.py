@@ -84,4 +84,22 @@ def load_model_weights(model: torch.nn.Module, path: str, prefer_ema: bool = Tru
     return which
 
 
-__all__ = ["CheckpointError", "read_model_state", "fit_state", "load_model_weights"]
+def read_checkpoint_args(path: str) -> dict:
+    """The training arguments stored in a checkpoint (`args`, a dict or an argparse.Namespace), or {} if none.
+
+    The file is memory-mapped, so reading the arguments of a multi-GB checkpoint costs no copy of its tensors.
+    """
+    if path.endswith(".safetensors") or not os.path.isfile(path):
+        return {}
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # legacy (non-zip) files cannot be mmapped; the weights loader reports real corruption
+        return {}
+    args = obj.get("args") if isinstance(obj, Mapping) else None
+    if isinstance(args, argparse.Namespace):
+        args = vars(args)
+    return dict(args) if isinstance(args, Mapping) else {}
+
+
+__all__ = ["CheckpointError", "read_model_state", "read_checkpoint_args", "fit_state", "load_model_weights"]

@@ -170,3 +170,26 @@ def test_checkpoint_reader(tmp_path):
         read_model_state(str(tmp_path / "no_weights.pt"))
     with pytest.raises(CheckpointError, match="does not fit"):
         load_model_weights(random_fcdm(num_classes=7), str(tmp_path / "both.pt"))
+
+
+def test_model_flags_default_to_the_checkpoints_training_args(tmp_path, capsys, one_thread):
+    """A trainer checkpoint needs only --ckpt: model, custom width/depth, sizes, classes and pixel space come from
+    its stored args; a flag given on the command line still wins."""
+    torch.manual_seed(2)
+    model = random_fcdm(num_classes=4, in_channels=3, hidden_size=16, depth=(1, 1, 1, 1, 1))
+    train_args = dict(model="FCDM-T", hidden_size=16, depth=[1, 1, 1, 1, 1], image_size=8, num_classes=4,
+                      in_channels=3, objective="ddpm", vae=None, vae_scaling_factor=0.18215)
+    torch.save({"model": model.state_dict(), "ema": model.state_dict(), "args": train_args}, tmp_path / "t.pt")
+    args = sample.parse_args(["--ckpt", str(tmp_path / "t.pt"), "--num-fid-samples", "2", "--steps", "2",
+                              "--sample-dir", str(tmp_path), "--no-progress"])
+    assert (args.model, args.hidden_size, args.image_size, args.num_classes, args.in_channels, args.vae) == \
+        ("FCDM-T", 16, 8, 4, 3, "none")
+    sample.main(["--ckpt", str(tmp_path / "t.pt"), "--num-fid-samples", "2", "--per-proc-batch-size", "2",
+                 "--steps", "2", "--sample-dir", str(tmp_path), "--no-progress"])
+    with np.load(next(tmp_path.glob("*.npz"))) as f:
+        assert f["arr_0"].shape == (2, 8, 8, 3)
+    assert sample.parse_args(["--ckpt", str(tmp_path / "t.pt"), "--num-classes", "9"]).num_classes == 9
+    no_args = tmp_path / "bare.pt"
+    torch.save(model.state_dict(), no_args)
+    fallback = sample.parse_args(["--ckpt", str(no_args)])
+    assert (fallback.model, fallback.image_size, fallback.vae) == ("FCDM-XL", 256, "stabilityai/sd-vae-ft-ema")

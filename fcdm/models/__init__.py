@@ -17,7 +17,7 @@ def _constructor(name: str):
     hidden_size, depth = FCDM_CONFIGS[name]
 
     def build(**kwargs) -> FCDM:
-        return FCDM(hidden_size=hidden_size, depth=depth, **kwargs)
+        return FCDM(**{"hidden_size": hidden_size, "depth": depth, **kwargs})  # a checkpoint may override both
 
     build.__name__ = name.replace("-", "_")
     build.__doc__ = f"{name}: C={hidden_size}, depths={list(depth)}, mlp_ratio 3. Takes FCDM's keyword arguments."
