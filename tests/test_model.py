@@ -221,3 +221,12 @@ def test_label_dropout_is_shared_across_levels_unless_official_mode(mode):
         assert torch.equal(null[0], null[1]) and torch.equal(null[0], null[2])
     else:  # independent draws per level, as the official code does
         assert not torch.equal(null[0], null[1])
+
+
+def test_unknown_constructor_arguments_warn_but_input_size_is_accepted():
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        FCDM(**SMALL, input_size=32)  # DiT-style call sites pass it
+    with pytest.warns(UserWarning, match="hidden_szie"):
+        FCDM(**SMALL, hidden_szie=4)

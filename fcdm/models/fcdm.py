@@ -114,6 +114,7 @@ class FCDM(nn.Module):
         super().__init__()
         if len(depth) != 5:
             raise ValueError(f"depth must list 5 block counts (enc1, enc2, latent, dec2, dec1), got {depth!r}")
+        unused.pop("input_size", None)  # DiT-style callers pass it; a fully convolutional model takes any size
         if unused:
             # The official constructor swallows unknown kwargs too; say so rather than silently ignoring typos.
             import warnings
