@@ -41,22 +41,14 @@ def assets(tmp_path_factory):
     return root
 
 
-@pytest.fixture
-def one_thread():
-    """Same thread count as the torchrun workers, so CPU results are bit-comparable across runs."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def common_args(assets, sample_dir):
     return ["--ckpt", str(assets / "ckpt.pt"), "--model", "FCDM-T", "--num-classes", "5", "--image-size", "16",
             "--vae", str(assets / "vae"), "--num-fid-samples", "5", "--per-proc-batch-size", "2", "--steps", "3",
             "--cfg-scale", "1.5", "--sample-dir", str(sample_dir), "--run-name", "run", "--no-tf32", "--no-progress"]
 
 
-def test_one_and_two_processes_agree_and_resume(assets, tmp_path, capsys, one_thread):
+def test_one_and_two_processes_agree_and_resume(assets, tmp_path, capsys, single_thread):
+    # single_thread: torchrun workers run one thread each, and the same count keeps CPU results bit-comparable.
     args = common_args(assets, tmp_path / "one") + ["--save-png"]
     sample.main(args)
     out = capsys.readouterr().out
@@ -96,7 +88,7 @@ def test_one_and_two_processes_agree_and_resume(assets, tmp_path, capsys, one_th
     assert "other settings" in capsys.readouterr().err
 
 
-def test_flow_objective_in_pixel_space(tmp_path, capsys, one_thread):
+def test_flow_objective_in_pixel_space(tmp_path, capsys, single_thread):
     torch.manual_seed(1)
     model = random_fcdm(num_classes=3, in_channels=3, learn_sigma=False)
     torch.save(model.state_dict(), tmp_path / "bare.pt")  # a bare state_dict
@@ -172,7 +164,7 @@ def test_checkpoint_reader(tmp_path):
         load_model_weights(random_fcdm(num_classes=7), str(tmp_path / "both.pt"))
 
 
-def test_model_flags_default_to_the_checkpoints_training_args(tmp_path, capsys, one_thread):
+def test_model_flags_default_to_the_checkpoints_training_args(tmp_path, capsys, single_thread):
     """A trainer checkpoint needs only --ckpt: model, custom width/depth, sizes, classes and pixel space come from
     its stored args; a flag given on the command line still wins."""
     torch.manual_seed(2)
