@@ -206,6 +206,16 @@ def test_model_traces_as_one_graph_under_torch_compile():
     assert_rel_close(out, model(x, t, y), 1e-6, "compiled forward")
 
 
+def test_external_label_dropout_leaves_labels_to_the_caller():
+    model = FCDM(**SMALL, class_dropout_prob=0.9, label_dropout="external").train()
+    y = torch.arange(7)
+    table = model.y_embedder_3.embedding_table.weight
+    captured = []
+    model.y_embedder_3.embedding_table.register_forward_hook(lambda mod, inp, out: captured.append(inp[0]))
+    model.condition(torch.zeros(7), y)
+    assert torch.equal(captured[0], y) and table.shape[0] == SMALL["num_classes"] + 1
+
+
 @pytest.mark.parametrize("mode", ["shared", "per_level"])
 def test_label_dropout_is_shared_across_levels_unless_official_mode(mode):
     model = FCDM(**SMALL, class_dropout_prob=0.5, label_dropout=mode).train()

@@ -9,9 +9,9 @@ from fcdm.train.distributed import DistInfo
 
 from .test_train_common import TINY, final_checkpoint, read_metrics, run_script, run_train
 
-# No label dropout (it draws per rank) and no CFG (which needs the null label) so the runs are comparable; every
-# other random draw (timesteps, noise, data order) is made on the global batch.
-SAME = ["--max-train-steps", "4", "--class-dropout-prob", "0", "--cfg-scale", "1", "--global-batch-size", "8",
+# Label dropout on: like timesteps, noise and data order, it is drawn on the global batch, so 1 and 2 processes see
+# the same training examples.
+SAME = ["--max-train-steps", "4", "--class-dropout-prob", "0.5", "--cfg-scale", "1", "--global-batch-size", "8",
         "--grad-accum", "1"]
 
 

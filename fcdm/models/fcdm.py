@@ -124,11 +124,12 @@ class FCDM(nn.Module):
         self.num_classes, self.learn_sigma = num_classes, learn_sigma
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.grad_checkpointing = grad_checkpointing
-        if label_dropout not in ("shared", "per_level"):
-            raise ValueError(f"label_dropout must be 'shared' or 'per_level', got {label_dropout!r}")
+        if label_dropout not in ("shared", "per_level", "external"):
+            raise ValueError(f"label_dropout must be 'shared', 'per_level' or 'external', got {label_dropout!r}")
         # The official code draws the CFG label dropout independently in each level's embedder, so a training sample
         # is unconditional at all three levels (as every CFG sampling step is) only 0.1% of the time. "shared" drops a
-        # label at every level at once; "per_level" reproduces the official behaviour exactly.
+        # label at every level at once; "per_level" reproduces the official behaviour exactly; "external" leaves it
+        # to the caller (the trainer draws it per global batch, so the result does not depend on the world size).
         self.label_dropout = label_dropout
 
         for level, width in ((1, C), (2, 2 * C), (3, 4 * C)):
@@ -196,10 +197,9 @@ class FCDM(nn.Module):
 
     def condition(self, t: torch.Tensor, y: torch.Tensor):
         """Per-level conditions c_l = t_emb_l + y_emb_l; (N,), (N,) -> three (N, W_l) tensors."""
-        drop_per_level = self.training
+        drop_per_level = self.training and self.label_dropout == "per_level"
         if self.training and self.label_dropout == "shared" and self.y_embedder_1.dropout_prob > 0:
             y = self.y_embedder_1.drop_labels(y)  # one draw for all levels
-            drop_per_level = False
         return [getattr(self, f"t_embedder_{lv}")(t) + getattr(self, f"y_embedder_{lv}")(y, drop_per_level)
                 for lv in (1, 2, 3)]
 

@@ -50,7 +50,7 @@ def build_model(args) -> torch.nn.Module:
         raise ValueError(f"the model input must be divisible by 4 (two downsamplings), got {args.input_size}px")
     model = fcdm.FCDM(in_channels=args.in_channels, hidden_size=args.hidden_size, depth=tuple(args.depth),
                       num_classes=args.num_classes, learn_sigma=args.learn_sigma,
-                      class_dropout_prob=args.class_dropout_prob)
+                      class_dropout_prob=args.class_dropout_prob, label_dropout="external")
     if args.grad_checkpointing:
         model.set_grad_checkpointing()
     return model

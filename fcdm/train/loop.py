@@ -249,7 +249,7 @@ def train(args) -> TrainState:
     with StopRequest() as stop:
         while state.step < total_steps:
             step_start = time.time()
-            torch.manual_seed(step_seed(args.global_seed, state.step, info.rank))  # label dropout, VAE sampling
+            torch.manual_seed(step_seed(args.global_seed, state.step, info.rank))  # on-the-fly VAE posterior samples
             lr = lr_at(args, state.step)
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -266,6 +266,10 @@ def train(args) -> TrainState:
                 t = objective.sample_t(micro_batch * info.world_size, device, generator=gen)[rank_slice]
                 noise = torch.randn((micro_batch * info.world_size, *x.shape[1:]), generator=gen,
                                     device=device)[rank_slice]
+                # CFG label dropout, drawn on the global batch like t and noise (the model is built with
+                # label_dropout="external"): the same labels are dropped whatever the world size.
+                drop = torch.rand(micro_batch * info.world_size, generator=gen, device=device)[rank_slice]
+                y = torch.where(drop < args.class_dropout_prob, torch.full_like(y, args.num_classes), y)
                 last = micro == args.grad_accum - 1
                 no_sync = wrapped.no_sync() if (not last and hasattr(wrapped, "no_sync")) else contextlib.nullcontext()
                 with no_sync:
