@@ -27,7 +27,9 @@ from fcdm.models.fcdm import ConvNeXtBlock
 from fcdm.models.official_layout import NCHWBlock, _layer_norm_over_channels
 
 OPS = ("dwconv_ln_modulate", "grn_mlp", "block")
-PROVIDERS = ("nchw", "channels_last", "compile", "triton", "cuda")
+# triton_composed: the block as the two Triton ops (saving h and z) instead of the single convnext_block op, to
+# measure what the lean-saves block op gains or costs.
+PROVIDERS = ("nchw", "channels_last", "compile", "triton", "triton_composed", "cuda")
 MODES = ("forward", "backward", "full")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # The fused kernels each op needs, as registered in fcdm_kernels.dispatch.
@@ -183,10 +185,16 @@ def fcdm_block(block: ConvNeXtBlock, x, c):
     return block(x, c)
 
 
+def fcdm_block_composed(block: ConvNeXtBlock, x, c):
+    """The block as dwconv_ln_modulate then grn_mlp, bypassing any fused convnext_block implementation."""
+    shift, scale, gate = (m.contiguous() for m in block.adaLN_modulation(c).chunk(3, dim=1))
+    return fcdm_grn_mlp(block, fcdm_dwconv_ln_modulate(block, x, shift, scale), x, gate)
+
+
 OFFICIAL_FN = {"dwconv_ln_modulate": official_dwconv_ln_modulate, "grn_mlp": official_grn_mlp,
                "block": official_block}
 FCDM_FN = {"dwconv_ln_modulate": fcdm_dwconv_ln_modulate, "grn_mlp": fcdm_grn_mlp, "block": fcdm_block}
-FCDM_BACKEND_OF = {"channels_last": "torch", "triton": "triton", "cuda": "cuda"}
+FCDM_BACKEND_OF = {"channels_last": "torch", "triton": "triton", "triton_composed": "triton", "cuda": "cuda"}
 
 
 # ------------------------------------------------------------------------------------------------------- providers
@@ -219,6 +227,8 @@ def unavailable_reason(op: str, provider: str, device) -> str | None:
     device = torch.device(device)
     if provider not in PROVIDERS:
         raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
+    if provider == "triton_composed" and op != "block":
+        return "triton_composed differs from triton only for the whole block"
     if provider in ("nchw", "channels_last"):
         return None
     if device.type != "cuda":
@@ -277,6 +287,8 @@ def build(inputs: OpInputs, provider: str, requires_grad: bool = True) -> Runnab
             return fn(module, *acts)
     else:
         fn, backend = FCDM_FN[inputs.op], FCDM_BACKEND_OF[provider]
+        if provider == "triton_composed":
+            fn = fcdm_block_composed
 
         def forward():
             with use_backend(backend):

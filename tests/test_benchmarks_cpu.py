@@ -309,3 +309,16 @@ def test_gpu_check_script_parses_and_keeps_its_promises():
         assert needed in text, needed
     assert text.rstrip().splitlines()[-1].lstrip().startswith("timeout") and "benchmarks.summary" in \
         text.rstrip().splitlines()[-1]  # the summary is the last thing printed
+
+
+def test_triton_composed_provider_runs_the_two_ops_and_matches_the_block(monkeypatch):
+    """The composed block (two ops) computes the same function as the block module; n/a for single ops."""
+    import benchmarks.providers as providers
+    from benchmarks.providers import fcdm_block, fcdm_block_composed
+    inputs = setup("block", find_cases(["tiny-L1"])[0], torch.float64, "cpu")
+    block, x, c = inputs.block, inputs.activations["x"], inputs.activations["c"]
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # non-zero adaLN, so gate and modulation matter
+        torch.testing.assert_close(fcdm_block_composed(block, x, c), fcdm_block(block, x, c), rtol=1e-12, atol=1e-12)
+    assert "only for the whole block" in providers.unavailable_reason("grn_mlp", "triton_composed", "cpu")
