@@ -12,7 +12,7 @@ epilogue that reduces sum_p dy * u per sample (the GRN backward needs it before 
 that forms du and dpre. dW2, dh and dW1 are torch.matmul (cuBLAS); dz, dgate and the per-sample GRN algebra are two
 small Triton kernels.
 
-Reference: fcdm_kernels.reference.grn_mlp_reference (maths and backward in /work/shared/KERNELS.md).
+Reference: fcdm_kernels.reference.grn_mlp_reference (maths and backward in ../shared/KERNELS.md).
 """
 from __future__ import annotations
 
