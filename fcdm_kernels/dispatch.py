@@ -149,8 +149,12 @@ def resolve(op: str, x: torch.Tensor) -> str:
 
 
 def implementation(op: str, x: torch.Tensor) -> Callable:
-    backend = resolve(op, x)
-    return _IMPLS[op][backend]
+    return _IMPLS[op][resolve(op, x)]
+
+
+def implementation_on(op: str, backend: str) -> Callable | None:
+    """`op`'s implementation on an already resolved backend, or None where that backend has none."""
+    return _IMPLS.get(op, {}).get(backend)
 
 
 def block_implementation(op: str, like_op: str, x: torch.Tensor) -> Callable | None:
@@ -159,4 +163,4 @@ def block_implementation(op: str, like_op: str, x: torch.Tensor) -> Callable | N
     Composite ops (a whole block) are optional per backend: without one, the caller composes the per-op kernels,
     so asking for a composite never triggers a fallback warning of its own.
     """
-    return _IMPLS.get(op, {}).get(resolve(like_op, x))
+    return implementation_on(op, resolve(like_op, x))

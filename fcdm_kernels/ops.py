@@ -69,8 +69,9 @@ def convnext_block(x, shift, scale, gate, dw_weight, dw_bias, w1, b1, gamma, bet
     """
     check_dwconv_ln_modulate_args(x, dw_weight, dw_bias, shift, scale)
     check_grn_mlp_args(x, x, gate, w1, b1, gamma, beta, w2, b2)
-    fused = dispatch.block_implementation("convnext_block", "grn_mlp", x)
+    backend = dispatch.resolve("grn_mlp", x)  # once per block: this runs for every block of every step
+    fused = dispatch.implementation_on("convnext_block", backend)
     if fused is not None:
         return fused(x, shift, scale, gate, dw_weight, dw_bias, w1, b1, gamma, beta, w2, b2)
     h = dispatch.implementation("dwconv_ln_modulate", x)(x, dw_weight, dw_bias, shift, scale, LN_EPS)
-    return dispatch.implementation("grn_mlp", x)(h, x, gate, w1, b1, gamma, beta, w2, b2)
+    return dispatch.implementation_on("grn_mlp", backend)(h, x, gate, w1, b1, gamma, beta, w2, b2)

@@ -7,6 +7,8 @@ channels-last (B, H, W, C) from the stem to the output, and each block runs as t
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -117,7 +119,6 @@ class FCDM(nn.Module):
         unused.pop("input_size", None)  # DiT-style callers pass it; a fully convolutional model takes any size
         if unused:
             # The official constructor swallows unknown kwargs too; say so rather than silently ignoring typos.
-            import warnings
             warnings.warn(f"FCDM ignores unknown arguments {sorted(unused)}", stacklevel=2)
         C = hidden_size
         self.in_channels, self.hidden_size, self.depth = in_channels, hidden_size, list(depth)
