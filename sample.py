@@ -204,7 +204,7 @@ def load_vae(args, device):
     except Exception as err:
         fail(f"cannot load --vae {args.vae!r}: {type(err).__name__}: {err}")
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    return vae.to(device).eval(), factor
+    return vae.to(device).eval().requires_grad_(False), factor  # decoding must not record a graph
 
 
 def run_name(args) -> str:

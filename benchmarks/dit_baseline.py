@@ -146,11 +146,6 @@ def dit_macs(model: DiT) -> int:
     return model.depth * per_block + embed + final
 
 
-def dit_train_flops_per_image(model: DiT) -> float:
-    """Forward + backward FLOPs per image: 2 FLOPs per MAC, backward twice the forward (as fcdm.models.flops)."""
-    return 3 * 2 * dit_macs(model)
-
-
 def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

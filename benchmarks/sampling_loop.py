@@ -96,7 +96,7 @@ def make_sample_run(model: nn.Module, batch: int, latent: int, device, precision
         diffusion = create_diffusion(str(steps))
 
         def run():
-            diffusion.p_sample_loop(lambda x, t, y: denoiser(x, t, y), tuple(z.shape), noise=z.clone(),
+            diffusion.p_sample_loop(denoiser, tuple(z.shape), noise=z.clone(),
                                     clip_denoised=False, model_kwargs=dict(y=y))
         return run, "fcdm.diffusion p_sample_loop"
     except ImportError:

@@ -43,12 +43,8 @@ class GuidedDenoiser:
         self.interval, self.noise_level, self.autocast_dtype = interval, noise_level, autocast_dtype
         self.stats = {"nfe": 0, "forward_passes": 0, "cond_rows": 0, "uncond_rows": 0, "uncond_skipped": 0}
 
-    def _active(self, t: torch.Tensor) -> torch.Tensor:
-        """Which samples get guidance at time t. (N,) bool"""
-        if not self.uses_guidance:
-            return torch.zeros(t.shape, dtype=torch.bool, device=t.device)
-        if self.interval is None:
-            return torch.ones(t.shape, dtype=torch.bool, device=t.device)
+    def _in_interval(self, t: torch.Tensor) -> torch.Tensor:
+        """Which samples lie inside the guidance interval at time t. (N,) bool"""
         level = self.noise_level(t)
         return (level >= self.interval[0]) & (level <= self.interval[1])
 
@@ -65,12 +61,16 @@ class GuidedDenoiser:
         N = x.shape[0]
         self.stats["nfe"] += 1
         self.stats["cond_rows"] += N
-        active = self._active(t)
-        n_active = int(active.sum())
-        if self.uses_guidance:
-            self.stats["uncond_skipped"] += N - n_active
-        if n_active == 0:
+        if not self.uses_guidance:
             return self._forward(x, t, y)
+        if self.interval is None:
+            n_active = N  # every sample is guided: no mask, and no host sync per step
+        else:
+            active = self._in_interval(t)
+            n_active = int(active.sum())  # sizes the unconditional half, so it must be known on the host
+            self.stats["uncond_skipped"] += N - n_active
+            if n_active == 0:
+                return self._forward(x, t, y)
         self.stats["uncond_rows"] += n_active
         every = n_active == N
         rows = slice(None) if every else active.nonzero().squeeze(1)

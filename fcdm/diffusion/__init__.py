@@ -7,6 +7,8 @@
 """
 from __future__ import annotations
 
+import numpy as np
+
 from .gaussian_diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType, mean_flat
 from .likelihoods import approx_standard_normal_cdf, discretized_gaussian_log_likelihood, normal_kl
 from .noise import gaussian_noise
@@ -32,8 +34,8 @@ def create_diffusion(timestep_respacing, noise_schedule: str = "linear", use_kl:
     mean_type = ModelMeanType.START_X if predict_xstart else ModelMeanType.EPSILON
     if timestep_respacing is None or timestep_respacing == "":
         timestep_respacing = [diffusion_steps]
-    base = GaussianDiffusion(betas=betas)
-    new_betas, timestep_map = respaced_betas(base.alphas_cumprod, space_timesteps(diffusion_steps, timestep_respacing))
+    alphas_cumprod = np.cumprod(1.0 - betas)
+    new_betas, timestep_map = respaced_betas(alphas_cumprod, space_timesteps(diffusion_steps, timestep_respacing))
     return GaussianDiffusion(betas=new_betas, model_mean_type=mean_type, model_var_type=var_type,
                              loss_type=loss_type, timestep_map=timestep_map, original_num_steps=diffusion_steps)
 

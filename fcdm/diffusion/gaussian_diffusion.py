@@ -90,19 +90,27 @@ class GaussianDiffusion:
         # FIXED_LARGE uses beta_t, except beta~_1 at t = 0 for a better decoder likelihood (IDDPM).
         large = np.append(posterior_variance[1], betas[1:]) if len(betas) > 1 else betas
         tables["fixed_large_variance"], tables["fixed_large_log_variance"] = large, np.log(large)
-        self._tables = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tables.items()}
         for name, value in tables.items():
             setattr(self, name, value)
+        tables["timestep_map"] = np.asarray(self.timestep_map, dtype=np.int64)
+        self._tables = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tables.items()}
+        self._tables_on = {torch.device("cpu"): self._tables}
 
     # ---- lookups ----------------------------------------------------------------------------------------------
+    def _table(self, name: str, device: torch.device) -> torch.Tensor:
+        # Copied to each device once: a sampling step does about ten lookups, each would otherwise be a host copy.
+        if device not in self._tables_on:
+            self._tables_on[device] = {k: v.to(device) for k, v in self._tables.items()}
+        return self._tables_on[device][name]
+
     def _extract(self, name: str, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """table[t] as (N, 1, 1, ...) in the working dtype of x."""
-        values = self._tables[name].to(t.device)[t].to(_work_dtype(x))
+        values = self._table(name, t.device)[t].to(_work_dtype(x))
         return values.view(-1, *([1] * (x.dim() - 1)))
 
     def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """Indices of this chain -> the original timesteps the model was trained on."""
-        return torch.tensor(self.timestep_map, device=t.device, dtype=t.dtype)[t]
+        return self._table("timestep_map", t.device)[t].to(t.dtype)
 
     def _check_t(self, t: torch.Tensor, x: torch.Tensor) -> None:
         if t.shape != (x.shape[0],) or t.dtype not in (torch.int64, torch.int32):
