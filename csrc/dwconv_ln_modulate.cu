@@ -107,7 +107,8 @@ __device__ __forceinline__ void store_group(T* __restrict__ p, int n, bool vec, 
   }
 }
 
-// Shared-memory fp32 rows, read/written V floats at a time (float4 when `vec`: then C % 4 == 0 keeps them aligned).
+// fp32 rows of C channels (shared-memory h0, the dh0 workspace), read/written V floats at a time (float4 when `vec`:
+// then C % 4 == 0 keeps them aligned).
 template <int V>
 __device__ __forceinline__ void load_floats(const float* p, int n, bool vec, float (&out)[V]) {
   if (vec && n == V) {
@@ -131,6 +132,17 @@ __device__ __forceinline__ void store_floats(float* p, int n, bool vec, const fl
 #pragma unroll
     for (int k = 0; k < V; ++k)
       if (k < n) p[k] = v[k];
+  }
+}
+
+// Stores the channel pair (c, c + 1) at p as T: one paired store when both exist and C is even (then p is aligned).
+template <typename T>
+__device__ __forceinline__ void store_pair(T* __restrict__ p, float2 v, bool has_second, bool even_c) {
+  if (has_second && even_c) {
+    *reinterpret_cast<typename Elem<T>::Pair*>(p) = Elem<T>::float2_to_pair(v);
+  } else {
+    p[0] = Elem<T>::from_float(v.x);
+    if (has_second) p[1] = Elem<T>::from_float(v.y);
   }
 }
 
@@ -160,6 +172,13 @@ __device__ __forceinline__ Group<T> fetch_group(const T* __restrict__ src, int b
   return raw;
 }
 
+// Coordinates of group i of a rows x cols x (groups * VEC channels) tile laid out [r][q][g]: row r, column q, group g.
+__device__ __forceinline__ void tile_group_coords(int i, int groups, int cols, int& r, int& q, int& g) {
+  g = i % groups;
+  q = (i / groups) % cols;
+  r = i / (groups * cols);
+}
+
 // dst[(r * cols + q) * CK + k] = src[b, y0 + r, x0 + q, c0 + k] for r < rows, q < cols, k < CK (zero-padded).
 // CK is a multiple of VEC and dst is 16-byte aligned.
 template <typename T>
@@ -169,7 +188,8 @@ __device__ void load_tile(T* __restrict__ dst, const T* __restrict__ src, int b,
   const int groups = CK / V;
   const int total = rows * cols * groups;
   for (int i = threadIdx.x; i < total; i += blockDim.x) {
-    const int g = i % groups, q = (i / groups) % cols, r = i / (groups * cols);
+    int r, q, g;
+    tile_group_coords(i, groups, cols, r, q, g);
     *reinterpret_cast<Group<T>*>(dst + static_cast<size_t>(r * cols + q) * CK + g * V) =
         fetch_group<T>(src, b, y0 + r, x0 + q, c0 + g * V, H, W, C, vec);
   }
@@ -188,7 +208,8 @@ __device__ __forceinline__ void fetch_tile(Group<T> (&staged)[kStagedGroups], co
   for (int j = 0; j < kStagedGroups; ++j) {
     const int i = threadIdx.x + j * blockDim.x;
     if (i < total) {
-      const int g = i % groups, q = (i / groups) % cols, r = i / (groups * cols);
+      int r, q, g;
+      tile_group_coords(i, groups, cols, r, q, g);
       staged[j] = fetch_group<T>(src, b, y0 + r, x0 + q, c0 + g * V, H, W, C, vec);
     }
   }
@@ -204,7 +225,8 @@ __device__ __forceinline__ void commit_tile(T* __restrict__ dst, const Group<T> 
   for (int j = 0; j < kStagedGroups; ++j) {
     const int i = threadIdx.x + j * blockDim.x;
     if (i < total) {
-      const int g = i % groups, q = (i / groups) % cols, r = i / (groups * cols);
+      int r, q, g;
+      tile_group_coords(i, groups, cols, r, q, g);
       *reinterpret_cast<Group<T>*>(dst + static_cast<size_t>(r * cols + q) * CK + g * V) = staged[j];
     }
   }
@@ -324,13 +346,8 @@ __device__ void conv_ln_tile(const FusedSmem& s, const T* __restrict__ x, const 
       conv_item<T, false>(halo, CK, 2 * cp, r, seg, weight_t, Cpad, c, acc);
 #pragma unroll
       for (int j = 0; j < kSeg; ++j) {
-        float* dst = s.h0 + static_cast<size_t>(r * kTileW + seg * kSeg + j) * C + c;
-        if (has_second && (C % 2 == 0)) {
-          *reinterpret_cast<float2*>(dst) = acc[j];
-        } else {
-          dst[0] = acc[j].x;
-          if (has_second) dst[1] = acc[j].y;
-        }
+        store_pair<float>(s.h0 + static_cast<size_t>(r * kTileW + seg * kSeg + j) * C + c, acc[j], has_second,
+                          C % 2 == 0);
       }
     }
   }
@@ -476,16 +493,7 @@ fused_backward_kernel(const T* __restrict__ grad_h,        // (B, H, W, C)
         sum_dhn[k] = fmaf(dv[k], nv[k], sum_dhn[k]);
         out[k] = rs * (dv[k] * (1.f + sc[k]) - a - nv[k] * bb);
       }
-      float* d = dh0 + pix * C + c;
-      if (vec && n == V) {
-#pragma unroll
-        for (int k = 0; k < V; k += 4)
-          *reinterpret_cast<float4*>(d + k) = make_float4(out[k], out[k + 1], out[k + 2], out[k + 3]);
-      } else {
-#pragma unroll
-        for (int k = 0; k < V; ++k)
-          if (k < n) d[k] = out[k];
-      }
+      store_floats<V>(dh0 + pix * C + c, n, vec, out);
     }
 #pragma unroll
     for (int k = 0; k < V; ++k) {
@@ -541,13 +549,7 @@ input_grad_kernel(const float* __restrict__ dh0,       // (B, H, W, C) fp32
     for (int j = 0; j < kSeg; ++j) {
       const int xx = x0 + seg * kSeg + j;
       if (xx >= W) continue;
-      T* d = dx + ((static_cast<size_t>(b) * H + y) * W + xx) * C + c;
-      if (c + 1 < C && (C % 2 == 0)) {
-        *reinterpret_cast<typename Elem<T>::Pair*>(d) = Elem<T>::float2_to_pair(acc[j]);
-      } else {
-        d[0] = Elem<T>::from_float(acc[j].x);
-        if (c + 1 < C) d[1] = Elem<T>::from_float(acc[j].y);
-      }
+      store_pair<T>(dx + ((static_cast<size_t>(b) * H + y) * W + xx) * C + c, acc[j], c + 1 < C, C % 2 == 0);
     }
   }
 }
@@ -668,7 +670,7 @@ DwconvPlan dwconv_plan(int B, int H, int W, int C, ElemType type, int device) {
                     "fcdm dwconv_ln_modulate (CUDA): C=", C, " needs ", plan.fused_smem_backward,
                     " bytes of shared memory per block but the device allows ", smem_optin,
                     "; use the triton or torch backend for this width");
-  const int grad_tiles = B * ceil_div(W, kTileW) * ceil_div(H, kGradRows);
+  const int grad_tiles = B * plan.tiles_w * ceil_div(H, kGradRows);
   const int chunks = ceil_div(C, kGradChunk);
   plan.weight_splits = std::max(1, std::min(grad_tiles, ceil_div(4 * sms, chunks)));
   return plan;
@@ -710,14 +712,14 @@ void dwconv_ln_modulate_backward(ElemType type, const void* grad_h, const void* 
         plan.chunk_channels, plan.tiles_w, plan.tiles_per_image, eps, vectorized);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-    const int grad_tiles_w = ceil_div(W, kTileW);
-    const int grad_tiles = grad_tiles_w * ceil_div(H, kGradRows);
+    // The gradient kernels' 8 x 8 tiles share the fused kernels' 8-pixel columns (plan.tiles_w), not their rows.
+    const int grad_tiles = plan.tiles_w * ceil_div(H, kGradRows);
     input_grad_kernel<T><<<dim3(grad_tiles, ceil_div(C, kGradChunk), B), kThreads, 0, stream>>>(
-        dh0, weight_t, static_cast<T*>(dx), H, W, C, plan.padded_channels, grad_tiles_w, vec_dh0);
+        dh0, weight_t, static_cast<T*>(dx), H, W, C, plan.padded_channels, plan.tiles_w, vec_dh0);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
     weight_grad_kernel<T><<<dim3(ceil_div(C, kGradChunk), plan.weight_splits), kThreads, 0, stream>>>(
-        static_cast<const T*>(x), dh0, weight_partial, B, H, W, C, grad_tiles_w, grad_tiles, plan.weight_splits,
+        static_cast<const T*>(x), dh0, weight_partial, B, H, W, C, plan.tiles_w, grad_tiles, plan.weight_splits,
         vectorized, vec_dh0);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -193,7 +193,7 @@ def test_agrees_with_triton(backend, dtype):
     if dispatch.unavailable_reason("dwconv_ln_modulate", "triton", torch.device("cuda")) is not None:
         pytest.skip("the Triton backend has no dwconv_ln_modulate yet")
     inputs, grad_h = make_inputs((8, 16, 16, 512), dtype)
-    triton_impl = dispatch._IMPLS["dwconv_ln_modulate"]["triton"]
+    triton_impl = dispatch.implementation_on("dwconv_ln_modulate", "triton")
     cuda_out, cuda_grads = run_cuda(backend, inputs, grad_h)
     tri_out, tri_grads = forward_and_grads(triton_impl, inputs, grad_h)
     for name, a, b in zip(("h",) + GRAD_NAMES, (cuda_out,) + cuda_grads, (tri_out,) + tri_grads):
