@@ -20,7 +20,8 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not hold usable model weights."""
 
 
-def _read(path: str):
+def read_checkpoint_file(path: str):
+    """A checkpoint file's contents, read safely (weights_only); CheckpointError if missing or unreadable."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist or is not a file")
     try:
@@ -51,7 +52,7 @@ def _strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 def read_model_state(path: str, prefer_ema: bool = True) -> tuple[dict[str, torch.Tensor], str]:
     """(state_dict, which) where which names the entry used: 'ema', 'model', 'state_dict' or 'bare'."""
-    obj = _read(path)
+    obj = read_checkpoint_file(path)
     order = ("ema", "model", "state_dict") if prefer_ema else ("model", "ema", "state_dict")
     if isinstance(obj, Mapping):
         for key in order:
@@ -102,4 +103,4 @@ def read_checkpoint_args(path: str) -> dict:
     return dict(args) if isinstance(args, Mapping) else {}
 
 
-__all__ = ["CheckpointError", "read_model_state", "read_checkpoint_args", "fit_state", "load_model_weights"]
+__all__ = ["CheckpointError", "read_checkpoint_file", "read_model_state", "read_checkpoint_args", "fit_state", "load_model_weights"]

@@ -27,13 +27,14 @@ class InTrainingFID:
 
     def __init__(self, ref_batch, num_images: int = 10_000, batch_size: int = 100, device=None,
                  inception_weights=None, fid_method: str = "eigh",
-                 extractor: InceptionFeatureExtractor | None = None):
-        """`fid_method="eigh"` is the exact FID via symmetric eigensolves (seconds instead of a minute at D=2048)."""
+                 extractor: InceptionFeatureExtractor | None = None, name: str = "ref_batch"):
+        """`fid_method="eigh"` is the exact FID via symmetric eigensolves (seconds instead of a minute at D=2048);
+        `name` is how error messages call the reference file (e.g. a CLI flag)."""
         if num_images < 2:
             raise ValueError(f"num_images must be >= 2 (a covariance needs two samples), got {num_images}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.ref_batch = ref_batch
+        self.ref_batch, self.name = ref_batch, name
         self.num_images = num_images
         self.batch_size = batch_size
         self.fid_method = fid_method
@@ -44,9 +45,9 @@ class InTrainingFID:
         # Fail now, not hours into training, on missing weights or a reference file that cannot work.
         if extractor is None:
             resolve_weights_path(inception_weights)
-        keys = npz_keys(ref_batch, "ref_batch")
-        if read_statistics(ref_batch, "ref_batch")["pool"] is None and IMAGES_KEY not in keys:
-            raise ValueError(f"ref_batch: {ref_batch} has neither mu/sigma nor images ('{IMAGES_KEY}')")
+        keys = npz_keys(ref_batch, name)
+        if read_statistics(ref_batch, name)["pool"] is None and IMAGES_KEY not in keys:
+            raise ValueError(f"{name}: {ref_batch} has neither mu/sigma nor images ('{IMAGES_KEY}')")
 
     @property
     def extractor(self) -> InceptionFeatureExtractor:
@@ -58,9 +59,9 @@ class InTrainingFID:
     def reference(self) -> FeatureStatistics:
         """Pool-feature statistics of the reference batch: precomputed if stored, else from its images."""
         if self._reference is None:
-            stats = read_statistics(self.ref_batch, "ref_batch")["pool"]
+            stats = read_statistics(self.ref_batch, self.name)["pool"]
             if stats is None:
-                images = NpzImages(self.ref_batch, "ref_batch")
+                images = NpzImages(self.ref_batch, self.name)
                 stats = feature_statistics(self.extractor.activations(images.batches(self.batch_size)).pool)
             self._reference = stats
         return self._reference
@@ -83,6 +84,6 @@ class InTrainingFID:
         reference = self.reference
         sample = feature_statistics(self.generated_features(generate_fn))
         if sample.mu.shape != reference.mu.shape:
-            raise ValueError(f"ref_batch: mu has dimension {reference.mu.shape[0]}, the Inception pool features "
+            raise ValueError(f"{self.name}: mu has dimension {reference.mu.shape[0]}, the Inception pool features "
                              f"{sample.mu.shape[0]}")
         return frechet_distance(sample.mu, sample.sigma, reference.mu, reference.sigma, method=self.fid_method)

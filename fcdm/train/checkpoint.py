@@ -13,6 +13,8 @@ import re
 
 import torch
 
+from fcdm.load import read_checkpoint_file
+
 FORMAT = "fcdm-train-v1"
 _NAME = re.compile(r"^(\d{7,})\.pt$")
 
@@ -65,12 +67,9 @@ def prune(directory: str, keep_last: int) -> None:
 
 
 def load(path: str) -> dict:
-    """Load a checkpoint on the CPU with weights_only=True. Official checkpoints store args as an
-    argparse.Namespace, which is allow-listed for exactly that reason."""
-    if not os.path.isfile(path):
-        raise ValueError(f"checkpoint {path!r} does not exist")
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    """Load a checkpoint on the CPU through fcdm.load's safe reader (weights_only=True, argparse.Namespace
+    allow-listed because official checkpoints store args that way); args come back as a dict."""
+    ckpt = read_checkpoint_file(path)  # a CheckpointError (a ValueError) for a missing or unreadable file
     if not isinstance(ckpt, dict) or not ("model" in ckpt or "ema" in ckpt):
         raise ValueError(f"{path!r} is not an FCDM checkpoint (no 'model' or 'ema' entry)")
     if isinstance(ckpt.get("args"), argparse.Namespace):

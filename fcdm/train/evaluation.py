@@ -6,48 +6,42 @@ with a `metric` name and `lower_is_better`, used to keep best.pt.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from .samples import decode
+from .samples import decode, to_uint8_nhwc
 
 
 class InceptionFID:
-    """FID of EMA samples against the pool statistics of an ADM reference .npz (arr_0 images or mu/sigma)."""
+    """FID of EMA samples against the pool statistics of an ADM reference .npz (arr_0 images or mu/sigma):
+    fcdm.eval's InTrainingFID, fed by a sampler of the EMA model."""
 
     metric = "fid"
     lower_is_better = True
 
-    def __init__(self, args, objective, device, vae, autocast_dtype):
-        try:
-            from fcdm.eval.features import InceptionFeatureExtractor
-            from fcdm.eval.metrics import feature_statistics
-            from fcdm.eval.npz import NpzImages, read_statistics
-        except ImportError as e:
-            raise ValueError(f"--fid-ref needs the fcdm.eval package ({e})") from e
+    def __init__(self, args, objective, device, vae, autocast_dtype, batch_size: int = 64):
+        from fcdm.eval.features import InceptionFeatureExtractor
+        from fcdm.eval.fid_hook import InTrainingFID
+
         self.args, self.objective, self.device, self.vae, self.amp = args, objective, device, vae, autocast_dtype
-        self.extractor = InceptionFeatureExtractor(device=device)
-        self._stats = feature_statistics
-        ref = read_statistics(args.fid_ref, "--fid-ref")["pool"]
-        if ref is None:
-            acts = self.extractor.activations(NpzImages(args.fid_ref, "--fid-ref").batches(100))
-            ref = feature_statistics(acts.pool)
-        self.ref = ref
+        self.fid = InTrainingFID(args.fid_ref, num_images=args.eval_samples, batch_size=batch_size, fid_method="eigh",
+                                 extractor=InceptionFeatureExtractor(device=device), name="--fid-ref")
+        self.fid.reference  # read (or compute) the reference statistics now: a bad file fails at start-up
 
     @torch.no_grad()
     def __call__(self, model) -> dict:
         from fcdm.sampling import generate
-        a, pools = self.args, []
+        a = self.args
         gen = torch.Generator(self.device).manual_seed(a.global_seed + 54321)
-        for start in range(0, a.eval_samples, 64):
-            y = torch.arange(start, min(start + 64, a.eval_samples), device=self.device) % a.num_classes
+        labels = iter((torch.arange(a.eval_samples, device=self.device) % a.num_classes).split(self.fid.batch_size))
+
+        def generate_uint8(count: int) -> torch.Tensor:
+            y = next(labels)  # InTrainingFID asks for the same chunk sizes as the split
             x = generate(model, self.objective, y, shape=(a.in_channels, a.input_size, a.input_size),
                          sampler=a.sampler, steps=a.num_sampling_steps, cfg_scale=a.cfg_scale, generator=gen,
                          autocast_dtype=self.amp)
-            images = ((decode(x, self.vae, a.vae_scaling_factor) + 1) * 127.5).round().clamp(0, 255)
-            pools.append(self.extractor(images.to(torch.uint8).permute(0, 2, 3, 1).cpu())[0].cpu().numpy())
-        stats = self._stats(np.concatenate(pools))
-        return {"fid": float(stats.frechet_distance(self.ref, method="eigh"))}
+            return to_uint8_nhwc(decode(x, self.vae, a.vae_scaling_factor)).cpu()
+
+        return {"fid": float(self.fid(generate_uint8))}
 
 
 def build_evaluator(args, objective, device, vae, autocast_dtype, log=print):

@@ -281,15 +281,17 @@ def train(args) -> TrainState:
 
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            # One all-reduce for the logged loss and the stop flag, so every rank decides alike.
+            # One all-reduce for the logged loss and the stop flag, so every rank decides alike; then a single
+            # device-to-host copy for all three scalars (grad_norm is already identical on every rank).
             synced = distributed.all_reduce_mean(torch.stack([loss_sum, torch.tensor(
                 float(stop.requested), device=device)]))
-            loss_value, stop_now = synced[0].item(), synced[1].item() > 0
-            if check_step(state, loss_value, grad_norm.item(), args.max_consecutive_skips):
+            loss_value, stop_flag, grad_value = torch.cat([synced, grad_norm.reshape(1).to(synced.dtype)]).tolist()
+            stop_now = stop_flag > 0
+            if check_step(state, loss_value, grad_value, args.max_consecutive_skips):
                 opt.step()
                 ema.update(model, state.step)
             else:
-                log.info(f"step {state.step}: non-finite loss {loss_value} / grad norm {grad_norm.item()}; skipped "
+                log.info(f"step {state.step}: non-finite loss {loss_value} / grad norm {grad_value}; skipped "
                          f"({state.skipped_steps} skipped in total)")
                 log.metrics(state.step, {"skipped_steps": state.skipped_steps})
             opt.zero_grad(set_to_none=True)
@@ -307,7 +309,7 @@ def train(args) -> TrainState:
                 seconds = time.time() - window["start"]
                 steps = max(window["steps"], 1)
                 metrics = {"loss": window["loss"] / steps, "steps_per_s": steps / seconds,
-                           "img_per_s": steps * args.global_batch_size / seconds, "grad_norm": grad_norm.item(),
+                           "img_per_s": steps * args.global_batch_size / seconds, "grad_norm": grad_value,
                            "lr": lr, "epoch": state.epoch, "skipped_steps": state.skipped_steps}
                 if device.type == "cuda":
                     metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30

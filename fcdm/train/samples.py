@@ -30,11 +30,16 @@ def decode(x: torch.Tensor, vae=None, scaling_factor: float = 0.18215) -> torch.
     return (x - lo) / (hi - lo).clamp_min(1e-8) * 2 - 1
 
 
+def to_uint8_nhwc(images: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3) on the same device, rounded to nearest."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+
+
 def to_grid(images: torch.Tensor, ncol: int, pad: int = 2) -> np.ndarray:
     """(N, 3, H, W) in [-1, 1] -> uint8 (rows*(H+pad), ncol*(W+pad), 3)."""
     n, _, h, w = images.shape
     rows = -(-n // ncol)
-    u8 = ((images.float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    u8 = to_uint8_nhwc(images).cpu().numpy()
     grid = np.full((rows * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, dtype=np.uint8)
     for i in range(n):
         r, c = divmod(i, ncol)
