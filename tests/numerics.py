@@ -30,10 +30,14 @@ def assert_rel_close(out: torch.Tensor, ref: torch.Tensor, tol: float, name: str
     raise AssertionError(f"{name}: relative error {err:.3e} > {tol:.1e}; worst elements:\n" + "\n".join(lines))
 
 
-def poison_(t: torch.Tensor) -> torch.Tensor:
-    """Fill an output buffer with NaN so any element a kernel fails to write makes the comparison fail."""
-    return t.fill_(float("nan"))
+# The whole ConvNeXt block's arguments, in the order of fcdm_kernels.reference.convnext_block_reference.
+BLOCK_ARG_NAMES = ("x", "shift", "scale", "gate", "dw_weight", "dw_bias", "w1", "b1", "gamma", "beta", "w2", "b2")
 
 
-def poisoned_empty(*shape, dtype, device) -> torch.Tensor:
-    return poison_(torch.empty(*shape, dtype=dtype, device=device))
+def block_args(B, H, W, C, dtype, device, requires_grad=True) -> list[torch.Tensor]:
+    """Random (never zero) block arguments at a scale that keeps every path of the block active."""
+    J = 3 * C
+    args = (torch.randn(B, H, W, C), torch.randn(B, C) * 0.5, torch.randn(B, C) * 0.5, torch.randn(B, C),
+            torch.randn(C, 7, 7) / 7, torch.randn(C) * 0.5, torch.randn(J, C) / C ** 0.5, torch.randn(J) * 0.1,
+            torch.randn(J), torch.randn(J) * 0.3, torch.randn(C, J) / J ** 0.5, torch.randn(C) * 0.1)
+    return [a.to(device=device, dtype=dtype).requires_grad_(requires_grad) for a in args]

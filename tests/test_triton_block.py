@@ -8,25 +8,15 @@ import fcdm_kernels
 from fcdm.models.fcdm import FCDM
 from fcdm_kernels import dispatch
 from fcdm_kernels.reference import convnext_block_reference
-from tests.numerics import REL_TOL, assert_rel_close
+from tests.numerics import BLOCK_ARG_NAMES, REL_TOL, assert_rel_close, block_args
 
 triton = pytest.importorskip("triton")
 from fcdm_kernels.triton import launch  # noqa: E402  (needs Triton)
-
-BLOCK_ARG_NAMES = ("x", "shift", "scale", "gate", "dw_weight", "dw_bias", "w1", "b1", "gamma", "beta", "w2", "b2")
 
 
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch):
     monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
-
-
-def block_args(B, H, W, C, dtype, device):
-    J = 3 * C
-    args = (torch.randn(B, H, W, C), torch.randn(B, C) * 0.5, torch.randn(B, C) * 0.5, torch.randn(B, C),
-            torch.randn(C, 7, 7) / 7, torch.randn(C) * 0.5, torch.randn(J, C) / C ** 0.5, torch.randn(J) * 0.1,
-            torch.randn(J), torch.randn(J) * 0.3, torch.randn(C, J) / J ** 0.5, torch.randn(C) * 0.1)
-    return [a.to(device=device, dtype=dtype).requires_grad_() for a in args]
 
 
 def triton_block(x, shift, scale, gate, dw_weight, dw_bias, w1, b1, gamma, beta, w2, b2):

@@ -13,27 +13,18 @@ import fcdm_kernels
 from fcdm.models.fcdm import FCDM
 from fcdm_kernels import dispatch
 from fcdm_kernels.reference import convnext_block_reference
-from tests.numerics import REL_TOL, assert_rel_close
+from tests.numerics import BLOCK_ARG_NAMES as ARG_NAMES
+from tests.numerics import REL_TOL, assert_rel_close, block_args
 
 triton = pytest.importorskip("triton")
 from fcdm_kernels.triton import block, launch  # noqa: E402  (needs Triton)
 from fcdm_kernels.triton.dwconv_ln_modulate import dwconv_ln_modulate  # noqa: E402
 from fcdm_kernels.triton.grn_mlp import grn_mlp  # noqa: E402
 
-ARG_NAMES = ("x", "shift", "scale", "gate", "dw_weight", "dw_bias", "w1", "b1", "gamma", "beta", "w2", "b2")
-
 
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch):
     monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
-
-
-def block_args(B, H, W, C, dtype, device, requires_grad=True):
-    J = 3 * C
-    args = (torch.randn(B, H, W, C), torch.randn(B, C) * 0.5, torch.randn(B, C) * 0.5, torch.randn(B, C),
-            torch.randn(C, 7, 7) / 7, torch.randn(C) * 0.5, torch.randn(J, C) / C ** 0.5, torch.randn(J) * 0.1,
-            torch.randn(J), torch.randn(J) * 0.3, torch.randn(C, J) / J ** 0.5, torch.randn(C) * 0.1)
-    return [a.to(device=device, dtype=dtype).requires_grad_(requires_grad) for a in args]
 
 
 def check_against_fp64(args, dtype):
@@ -191,14 +182,14 @@ _COMPILE_SCRIPT = r"""
 import sys, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from fcdm_kernels.triton import block
+from fcdm_kernels.triton import block, grn_mlp
 from fcdm_kernels.triton.compile_check import _resource_usage
 A, F = "*bf16", "*fp32"
 kernels = [
     (block._dw2_dgate_kernel, dict(G=A, US=A, GATE=A, W2=A, PART_W=F, DGATE=F),
      dict(DOT_FP32=False, BLOCK_C=128, BLOCK_J=128, BLOCK_P=64), dict(num_warps=8, num_stages=3)),
-    (block._gate_scale_bwd_kernel, dict(G=A, GATE=A, DZ=A, GSUM=F, DB2=F),
-     dict(AT_MOST_TWO_SAMPLES=True, BLOCK_M=32, BLOCK_N=256), dict(num_warps=8)),
+    (grn_mlp._gate_bwd_kernel, dict(G=A, Z=A, GATE=A, DZ=A, SUM_B=F, DB2=F),
+     dict(WITH_Z=False, AT_MOST_TWO_SAMPLES=True, BLOCK_M=32, BLOCK_N=256), dict(num_warps=8)),
 ]
 failed = 0
 for fn, ptrs, consts, opts in kernels:
@@ -216,7 +207,7 @@ sys.exit(failed)
 
 
 def test_block_kernels_compile_for_sm90():
-    """The interpreter never lowers the kernels; compile the two new ones to H100 cubins, as a launch would."""
+    """The interpreter never lowers the kernels; compile the block's two backward kernels to H100 cubins."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), root) if p)

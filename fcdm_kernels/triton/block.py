@@ -21,41 +21,12 @@ import triton.language as tl
 from ..reference import LN_EPS
 from . import grn_mlp as mlp
 from . import launch
-from .cast import round_to
 from .dwconv_ln_modulate import dwconv_ln_modulate_backward, dwconv_ln_modulate_forward
 
 _H100_SMS = 132  # programs to fill when choosing the dW2 split over samples
 
 
 # ----------------------------------------------------------------------------------------------------------- kernels
-@triton.jit
-def _gate_scale_bwd_kernel(
-    G,       # (M, N) gradient of out
-    GATE,    # (B, N)
-    DZ,      # (M, N) out: g * gate
-    GSUM,    # (B, N) fp32, zero-initialised: sum over pixels of g
-    DB2,     # (N,) fp32, zero-initialised: sum over all rows of dz
-    M, N, P,
-    AT_MOST_TWO_SAMPLES: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < M
-    col_mask = cols < N
-    mask = row_mask[:, None] & col_mask[None, :]
-    row0 = (pid_m * BLOCK_M).to(tl.int64)
-    idx = tl.arange(0, BLOCK_M)[:, None] * N + cols[None, :]
-    g = tl.load(G + row0 * N + idx, mask=mask, other=0.0).to(tl.float32)
-    row_end = tl.minimum(pid_m * BLOCK_M + BLOCK_M, M)
-    gate = mlp._per_sample_tile(GATE, rows, pid_m * BLOCK_M, row_end, cols, col_mask, P, N, AT_MOST_TWO_SAMPLES)
-    dz = g * gate
-    tl.store(DZ + row0 * N + idx, round_to(dz, DZ.dtype.element_ty), mask=mask)
-    tl.atomic_add(DB2 + cols, tl.sum(dz, axis=0), mask=col_mask)
-    mlp._add_per_sample(GSUM, g, rows, pid_m * BLOCK_M, row_end, cols, col_mask, P, N)
-
-
 @triton.jit
 def _dw2_dgate_kernel(
     G,       # (B * P, C) gradient of out
@@ -145,17 +116,11 @@ def convnext_block_backward(g, x, shift, scale, gate, dw_weight, dw_bias, w1, ga
     """All twelve input gradients from g, x, pre, the GRN vectors and the parameters (see the module docstring)."""
     B, H, W, C = x.shape
     P, M = H * W, B * H * W
-    dev, dt = x.device, x.dtype
+    dt = x.dtype
     g2 = g.reshape(M, C)
     h2 = dwconv_ln_modulate_forward(x, dw_weight, dw_bias, shift, scale, LN_EPS).view(M, C)  # recomputed h
 
-    rc = launch.rows_config(C, dev)
-    dz = launch.empty((M, C), dt, dev)
-    gsum = torch.zeros((B, C), dtype=torch.float32, device=dev)
-    db2 = torch.zeros((C,), dtype=torch.float32, device=dev)
-    _gate_scale_bwd_kernel[(triton.cdiv(M, rc.block_p), triton.cdiv(C, rc.block_c))](
-        g2, gate, dz, gsum, db2, M, C, P, AT_MOST_TWO_SAMPLES=rc.block_p <= P, BLOCK_M=rc.block_p,
-        BLOCK_N=rc.block_c, num_warps=rc.num_warps)
+    dz, db2, gsum = mlp.gate_backward(g2, None, gate, P)    # gsum = sum_p g: z is never saved
 
     us, a_sum = mlp.dy_grn_stats(dz, w2, pre, s, P)
     dw2, dgate = dw2_dgate(g2, us, gate, w2, P)
@@ -167,9 +132,9 @@ def convnext_block_backward(g, x, shift, scale, gate, dw_weight, dw_bias, w1, ga
     dw2 = dw2 + torch.outer(db2, beta32)
     dh, dw1, db1, dgamma = mlp.hidden_backward(dz, w1, w2, pre, ss, s, a_sum, gamma, h2)
     del h2, dz
-    dx_conv, ddw, ddb, dshift, dscale = dwconv_ln_modulate_backward(dh.view(B, H, W, C), x, dw_weight, dw_bias,
-                                                                    scale, LN_EPS)
-    dx = g + dx_conv                                       # the residual's gradient plus the conv path's
+    # dx = g (the residual's gradient) + the conv path's, added in the dwconv backward's own pass.
+    dx, ddw, ddb, dshift, dscale = dwconv_ln_modulate_backward(dh.view(B, H, W, C), x, dw_weight, dw_bias, scale,
+                                                               LN_EPS, residual=g)
     dbeta = torch.mv(w2.float().t(), db2)                  # every pixel's dy sums to db2 W2
     return (dx, dshift, dscale, dgate.to(dt), ddw, ddb, dw1, db1, dgamma, dbeta.to(dt), dw2.to(dt), db2.to(dt))
 

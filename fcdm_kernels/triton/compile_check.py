@@ -41,8 +41,9 @@ def _kernels(dtype: str):
         (dw._dwconv_ln_modulate_bwd_norm_kernel, dict(X=A, WT=A, BIAS=A, SCALE=A, DH=A, DH0=A, PART_SHIFT=F,
                                                       PART_SCALE=F, PART_BIAS=F, eps="fp32"),
          dict(BLOCK_P=8, BLOCK_C=512, EVEN_C=True), dict(num_warps=4)),
-        (dw._dwconv_bwd_input_weight_kernel, dict(X=A, DH0=A, WT=A, DX=A, PART_W=F),
-         dict(BLOCK_P=128, BLOCK_C=64), dict(num_warps=8)),
+        # With the block's residual add: a superset of the plain op's variant.
+        (dw._dwconv_bwd_input_weight_kernel, dict(X=A, DH0=A, WT=A, RES=A, DX=A, PART_W=F),
+         dict(HAS_RESIDUAL=True, BLOCK_P=128, BLOCK_C=64), dict(num_warps=8)),
         (mlp._gemm1_gelu_kernel, dict(A=A, W1=A, B1=A, U=A, PRE=A, SS=F),
          dict(SAVE_PRE=True, DOT_FP32=fp32, **gemm), gemm_opts),
         (mlp._gemm2_grn_gate_kernel, dict(U=A, S=F, W2=A, FBIAS=F, GATE=A, X=A, OUT=A, Z=A),
@@ -51,16 +52,16 @@ def _kernels(dtype: str):
          dict(DOT_FP32=fp32, AT_MOST_TWO_SAMPLES=True, **gemm), gemm_opts),
         (mlp._dy_gelu_bwd_kernel, dict(DZ=A, W2=A, PRE=A, S=F, COEF=F, DPRE=A, DB1=F),
          dict(DOT_FP32=fp32, AT_MOST_TWO_SAMPLES=True, **gemm), gemm_opts),
-        (mlp._gate_bwd_kernel, dict(G=A, Z=A, GATE=A, DZ=A, DGATE=F, DB2=F),
-         dict(AT_MOST_TWO_SAMPLES=True, BLOCK_M=32, BLOCK_N=256), dict(num_warps=8)),
+        (mlp._gate_bwd_kernel, dict(G=A, Z=A, GATE=A, DZ=A, SUM_B=F, DB2=F),
+         dict(WITH_Z=True, AT_MOST_TWO_SAMPLES=True, BLOCK_M=32, BLOCK_N=256), dict(num_warps=8)),
         (mlp._grn_scale_kernel, dict(SS=F, GAMMA=A, S=F, eps="fp32"), dict(BLOCK_J=1024), dict(num_warps=4)),
         (mlp._grn_bwd_coeff_kernel, dict(SS=F, A_SUM=F, GAMMA=A, COEF=F, DGAMMA=F, eps="fp32"),
          dict(BLOCK_J=1024), dict(num_warps=4)),
         (blk._dw2_dgate_kernel, dict(G=A, US=A, GATE=A, W2=A, PART_W=F, DGATE=F),
          dict(DOT_FP32=fp32, BLOCK_C=64 if fp32 else 128, BLOCK_J=64 if fp32 else 128, BLOCK_P=32 if fp32 else 64),
          dict(num_warps=4 if fp32 else 8, num_stages=3)),
-        (blk._gate_scale_bwd_kernel, dict(G=A, GATE=A, DZ=A, GSUM=F, DB2=F),
-         dict(AT_MOST_TWO_SAMPLES=True, BLOCK_M=32, BLOCK_N=256), dict(num_warps=8)),
+        (mlp._gate_bwd_kernel, dict(G=A, Z=A, GATE=A, DZ=A, SUM_B=F, DB2=F),
+         dict(WITH_Z=False, AT_MOST_TWO_SAMPLES=True, BLOCK_M=32, BLOCK_N=256), dict(num_warps=8)),
     ]
 
 

@@ -57,6 +57,25 @@ def _layernorm_tile(h0, mask_c, C, eps):
 
 
 @triton.jit
+def _conv_ln_program_tile(X, WT, BIAS, H, W, C, eps,
+                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr):
+    """Conv + LayerNorm of this program's BLOCK_P pixels of sample program_id(1), across all C channels:
+    (b, x_base, offs, mask_p, offs_c, mask_c, n, rstd), where x_base is the sample's 64-bit base and offs the tile's
+    32-bit offsets from it (H*W*C < 2^31 for any FCDM level)."""
+    b = tl.program_id(1).to(tl.int64)
+    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < H * W
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    x_base = b * (H * W) * C
+    offs = offs_p[:, None] * C + offs_c[None, :]
+    h0 = _dwconv_tile(X + x_base, WT, BIAS, offs, offs_p // W, offs_p % W, mask_p, offs_c, mask_c, H, W, C,
+                      BLOCK_P, BLOCK_C, EVEN_C)
+    n, rstd = _layernorm_tile(h0, mask_c, C, eps)
+    return b, x_base, offs, mask_p, offs_c, mask_c, n, rstd
+
+
+@triton.jit
 def _dwconv_ln_modulate_fwd_kernel(
     X,       # (B, H, W, C) input
     WT,      # (49, C) conv taps, tap-major
@@ -67,20 +86,8 @@ def _dwconv_ln_modulate_fwd_kernel(
     H, W, C, eps,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr,
 ):
-    pid_p = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    P = H * W
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < P
-    oy = offs_p // W
-    ox = offs_p % W
-    offs_c = tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
-    # 64-bit sample base, 32-bit offsets inside the sample (H*W*C < 2^31 for any FCDM level).
-    x_base = b * P * C
-    offs = offs_p[:, None] * C + offs_c[None, :]
-    h0 = _dwconv_tile(X + x_base, WT, BIAS, offs, oy, ox, mask_p, offs_c, mask_c, H, W, C, BLOCK_P, BLOCK_C, EVEN_C)
-    n, rstd = _layernorm_tile(h0, mask_c, C, eps)
+    b, x_base, offs, mask_p, offs_c, mask_c, n, rstd = _conv_ln_program_tile(X, WT, BIAS, H, W, C, eps, BLOCK_P,
+                                                                              BLOCK_C, EVEN_C)
     shift = tl.load(SHIFT + b * C + offs_c, mask=mask_c, other=0.0).to(tl.float32)
     scale = tl.load(SCALE + b * C + offs_c, mask=mask_c, other=0.0).to(tl.float32)
     h = n * (1.0 + scale[None, :]) + shift[None, :]
@@ -101,20 +108,9 @@ def _dwconv_ln_modulate_bwd_norm_kernel(
     H, W, C, n_ptiles, eps,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr,
 ):
-    pid_p = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    P = H * W
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < P
-    oy = offs_p // W
-    ox = offs_p % W
-    offs_c = tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
+    b, x_base, offs, mask_p, offs_c, mask_c, n, rstd = _conv_ln_program_tile(X, WT, BIAS, H, W, C, eps, BLOCK_P,
+                                                                              BLOCK_C, EVEN_C)
     mask = mask_p[:, None] & mask_c[None, :]
-    x_base = b * P * C
-    offs = offs_p[:, None] * C + offs_c[None, :]
-    h0 = _dwconv_tile(X + x_base, WT, BIAS, offs, oy, ox, mask_p, offs_c, mask_c, H, W, C, BLOCK_P, BLOCK_C, EVEN_C)
-    n, rstd = _layernorm_tile(h0, mask_c, C, eps)
     dh = tl.load(DH + x_base + offs, mask=mask, other=0.0).to(tl.float32)
     scale = tl.load(SCALE + b * C + offs_c, mask=mask_c, other=0.0).to(tl.float32)
     dn = dh * (1.0 + scale[None, :])
@@ -124,7 +120,7 @@ def _dwconv_ln_modulate_bwd_norm_kernel(
     dh0 = rstd[:, None] * (dn - mean_dn[:, None] - n * mean_dnn[:, None])
     dh0 = tl.where(mask, dh0, 0.0)
     tl.store(DH0 + x_base + offs, round_to(dh0, DH0.dtype.element_ty), mask=mask)
-    part = (b * n_ptiles + pid_p) * C + offs_c
+    part = (b * n_ptiles + tl.program_id(0)) * C + offs_c
     tl.store(PART_SHIFT + part, tl.sum(dh, axis=0), mask=mask_c)
     tl.store(PART_SCALE + part, tl.sum(dh * n, axis=0), mask=mask_c)
     tl.store(PART_BIAS + part, tl.sum(dh0, axis=0), mask=mask_c)
@@ -135,10 +131,11 @@ def _dwconv_bwd_input_weight_kernel(
     X,        # (B, H, W, C) input
     DH0,      # (B, H, W, C) gradient of the conv output
     WT,       # (49, C)
-    DX,       # (B, H, W, C) out: dx = conv of dh0 with the flipped kernel
+    RES,      # (B, H, W, C) gradient added to dx when HAS_RESIDUAL (the block's residual path), else unused
+    DX,       # (B, H, W, C) out: dx = conv of dh0 with the flipped kernel (+ RES)
     PART_W,   # (B * n_ptiles, 49, C) fp32 out: per-tile sum over pixels of dh0 * shifted x
     H, W, C, n_ptiles,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -177,6 +174,8 @@ def _dwconv_bwd_input_weight_kernel(
             ds = tl.load(DH0 + own - shift, mask=ok[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
             wv = tl.load(WT + (ky * 7 + kx) * C + offs_c, mask=mask_c, other=0.0).to(tl.float32)
             dx += ds * wv[None, :]
+    if HAS_RESIDUAL:
+        dx += tl.load(RES + base + own, mask=mask, other=0.0).to(tl.float32)
     tl.store(DX + own, round_to(dx, DX.dtype.element_ty), mask=mask)
 
 
@@ -198,8 +197,9 @@ def dwconv_ln_modulate_forward(x, weight, bias, shift, scale, eps: float) -> tor
     return out
 
 
-def dwconv_ln_modulate_backward(dh, x, weight, bias, scale, eps: float):
-    """Launch the two backward passes; returns (dx, dweight (C, 7, 7), dbias, dshift, dscale)."""
+def dwconv_ln_modulate_backward(dh, x, weight, bias, scale, eps: float, residual=None):
+    """Launch the two backward passes; returns (dx, dweight (C, 7, 7), dbias, dshift, dscale). A `residual`
+    gradient (B, H, W, C) is added to dx in the same pass, saving the caller an activation-sized add."""
     B, H, W, C = x.shape
     P = H * W
     dev = x.device
@@ -218,8 +218,8 @@ def dwconv_ln_modulate_backward(dh, x, weight, bias, scale, eps: float):
     dx = launch.empty(x.shape, x.dtype, dev)
     part_w = launch.empty((B * g_ptiles, TAPS, C), torch.float32, dev)
     _dwconv_bwd_input_weight_kernel[(g_ptiles, B, triton.cdiv(C, gcfg.block_c))](
-        x, dh0, wt, dx, part_w, H, W, C, g_ptiles,
-        BLOCK_P=gcfg.block_p, BLOCK_C=gcfg.block_c, num_warps=gcfg.num_warps)
+        x, dh0, wt, x if residual is None else residual, dx, part_w, H, W, C, g_ptiles,
+        HAS_RESIDUAL=residual is not None, BLOCK_P=gcfg.block_p, BLOCK_C=gcfg.block_c, num_warps=gcfg.num_warps)
     dweight = part_w.sum(0).t().reshape(C, KSIZE, KSIZE)                     # (49, C) -> (C, 7, 7)
     dbias = part_bias.sum((0, 1))
     dshift = part_shift.sum(1)

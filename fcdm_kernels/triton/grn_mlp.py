@@ -77,6 +77,19 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
 
 
 @triton.jit
+def _gemm_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's output tile: (row_start, row_end, row0, rows, cols, row_mask, col_mask). row0 is row_start as
+    a 64-bit tile base; offsets inside the tile stay 32-bit, as int64 index tensors would cost registers the
+    epilogues need."""
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    row_start = pid_m * BLOCK_M
+    row_end = tl.minimum(row_start + BLOCK_M, M)
+    rows = row_start + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return row_start, row_end, row_start.to(tl.int64), rows, cols, rows < M, cols < N
+
+
+@triton.jit
 def _matmul_tile(A, Bw, local, row_mask, cols, col_mask, K, stride_bk, stride_bn, DOT_FP32: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """fp32 (BLOCK_M, BLOCK_N) tile of A times Bw. A points at the tile's first row of a row-major (M, K) matrix and
@@ -107,14 +120,8 @@ def _gemm1_gelu_kernel(
     SAVE_PRE: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < M
-    col_mask = cols < N
-    # 64-bit tile base, 32-bit offsets inside the tile: int64 index tensors would cost registers the epilogue needs.
+    row_start, row_end, row0, rows, cols, row_mask, col_mask = _gemm_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     local = tl.arange(0, BLOCK_M)
-    row0 = (pid_m * BLOCK_M).to(tl.int64)
     acc = _matmul_tile(A + row0 * K, W1, local, row_mask, cols, col_mask, K, 1, K, DOT_FP32, BLOCK_M, BLOCK_N,
                        BLOCK_K)
     bias = tl.load(B1 + cols, mask=col_mask, other=0.0).to(tl.float32)
@@ -128,7 +135,7 @@ def _gemm1_gelu_kernel(
         tl.store(PRE + row0 * N + out, round_to(pre, PRE.dtype.element_ty), mask=mask)
     u = u.to(tl.float32)
     u2 = tl.where(mask, u * u, 0.0)
-    _add_per_sample(SS, u2, rows, pid_m * BLOCK_M, tl.minimum(pid_m * BLOCK_M + BLOCK_M, M), cols, col_mask, P, N)
+    _add_per_sample(SS, u2, rows, row_start, row_end, cols, col_mask, P, N)
 
 
 @triton.jit
@@ -167,21 +174,15 @@ def _gemm2_grn_gate_kernel(
     SAVE_Z: tl.constexpr, DOT_FP32: tl.constexpr, AT_MOST_TWO_SAMPLES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < M
-    col_mask = cols < N
+    row_start, row_end, row0, rows, cols, row_mask, col_mask = _gemm_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     local = tl.arange(0, BLOCK_M)
-    row0 = (pid_m * BLOCK_M).to(tl.int64)
-    row_end = tl.minimum(pid_m * BLOCK_M + BLOCK_M, M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_mask = ks < K
         a_mask = row_mask[:, None] & k_mask[None, :]
         u = tl.load(U + row0 * K + local[:, None] * K + ks[None, :], mask=a_mask, other=0.0)
-        s = _per_sample_tile(S, rows, pid_m * BLOCK_M, row_end, ks, k_mask, P, K, AT_MOST_TWO_SAMPLES)
+        s = _per_sample_tile(S, rows, row_start, row_end, ks, k_mask, P, K, AT_MOST_TWO_SAMPLES)
         a = round_to(u.to(tl.float32) * s, U.dtype.element_ty)
         w = tl.load(W2 + cols[None, :] * K + ks[:, None], mask=col_mask[None, :] & k_mask[:, None], other=0.0)
         if DOT_FP32:
@@ -190,7 +191,7 @@ def _gemm2_grn_gate_kernel(
             acc = tl.dot(a, w, acc)
     mask = row_mask[:, None] & col_mask[None, :]
     z = acc + tl.load(FBIAS + cols, mask=col_mask, other=0.0)[None, :]
-    gate = _per_sample_tile(GATE, rows, pid_m * BLOCK_M, row_end, cols, col_mask, P, N, AT_MOST_TWO_SAMPLES)
+    gate = _per_sample_tile(GATE, rows, row_start, row_end, cols, col_mask, P, N, AT_MOST_TWO_SAMPLES)
     out = local[:, None] * N + cols[None, :]
     x = tl.load(X + row0 * N + out, mask=mask, other=0.0).to(tl.float32)
     tl.store(OUT + row0 * N + out, round_to(x + gate * z, OUT.dtype.element_ty), mask=mask)
@@ -201,31 +202,35 @@ def _gemm2_grn_gate_kernel(
 @triton.jit
 def _gate_bwd_kernel(
     G,       # (M, N) gradient of out
-    Z,       # (M, N) saved z
+    Z,       # (M, N) saved z, read when WITH_Z (else unused)
     GATE,    # (B, N)
     DZ,      # (M, N) out: g * gate
-    DGATE,   # (B, N) fp32, zero-initialised: sum over pixels of g * z
+    SUM_B,   # (B, N) fp32, zero-initialised: sum over pixels of g * z when WITH_Z, else of g
     DB2,     # (N,) fp32, zero-initialised: sum over all rows of dz
     M, N, P,
-    AT_MOST_TWO_SAMPLES: tl.constexpr,
+    WITH_Z: tl.constexpr, AT_MOST_TWO_SAMPLES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    # Without z (the whole-block op) dgate's bias part needs sum_p g; its z part comes from the dW2 GEMM.
+    row_start = tl.program_id(0) * BLOCK_M
+    row_end = tl.minimum(row_start + BLOCK_M, M)
+    rows = row_start + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < M
     col_mask = cols < N
     mask = row_mask[:, None] & col_mask[None, :]
-    row0 = (pid_m * BLOCK_M).to(tl.int64)
+    row0 = row_start.to(tl.int64)
     idx = tl.arange(0, BLOCK_M)[:, None] * N + cols[None, :]
     g = tl.load(G + row0 * N + idx, mask=mask, other=0.0).to(tl.float32)
-    z = tl.load(Z + row0 * N + idx, mask=mask, other=0.0).to(tl.float32)
-    row_end = tl.minimum(pid_m * BLOCK_M + BLOCK_M, M)
-    gate = _per_sample_tile(GATE, rows, pid_m * BLOCK_M, row_end, cols, col_mask, P, N, AT_MOST_TWO_SAMPLES)
+    gate = _per_sample_tile(GATE, rows, row_start, row_end, cols, col_mask, P, N, AT_MOST_TWO_SAMPLES)
     dz = g * gate
     tl.store(DZ + row0 * N + idx, round_to(dz, DZ.dtype.element_ty), mask=mask)
     tl.atomic_add(DB2 + cols, tl.sum(dz, axis=0), mask=col_mask)
-    _add_per_sample(DGATE, g * z, rows, pid_m * BLOCK_M, row_end, cols, col_mask, P, N)
+    if WITH_Z:
+        z = tl.load(Z + row0 * N + idx, mask=mask, other=0.0).to(tl.float32)
+        _add_per_sample(SUM_B, g * z, rows, row_start, row_end, cols, col_mask, P, N)
+    else:
+        _add_per_sample(SUM_B, g, rows, row_start, row_end, cols, col_mask, P, N)
 
 
 @triton.jit
@@ -241,22 +246,16 @@ def _dy_grn_stats_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # dy stays in fp32 registers: it is recomputed by _dy_gelu_bwd_kernel rather than stored and read twice.
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < M
-    col_mask = cols < N
+    row_start, row_end, row0, rows, cols, row_mask, col_mask = _gemm_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     local = tl.arange(0, BLOCK_M)
-    row0 = (pid_m * BLOCK_M).to(tl.int64)
     dy = _matmul_tile(DZ + row0 * K, W2, local, row_mask, cols, col_mask, K, N, 1, DOT_FP32, BLOCK_M, BLOCK_N,
                       BLOCK_K)
     mask = row_mask[:, None] & col_mask[None, :]
     idx = local[:, None] * N + cols[None, :]
     u = _gelu(tl.load(PRE + row0 * N + idx, mask=mask, other=0.0).to(tl.float32))
-    row_end = tl.minimum(pid_m * BLOCK_M + BLOCK_M, M)
-    s = _per_sample_tile(S, rows, pid_m * BLOCK_M, row_end, cols, col_mask, P, N, AT_MOST_TWO_SAMPLES)
+    s = _per_sample_tile(S, rows, row_start, row_end, cols, col_mask, P, N, AT_MOST_TWO_SAMPLES)
     tl.store(US + row0 * N + idx, round_to(u * s, US.dtype.element_ty), mask=mask)
-    _add_per_sample(A_SUM, tl.where(mask, dy * u, 0.0), rows, pid_m * BLOCK_M, row_end, cols, col_mask, P, N)
+    _add_per_sample(A_SUM, tl.where(mask, dy * u, 0.0), rows, row_start, row_end, cols, col_mask, P, N)
 
 
 @triton.jit
@@ -308,21 +307,15 @@ def _dy_gelu_bwd_kernel(
     DOT_FP32: tl.constexpr, AT_MOST_TWO_SAMPLES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < M
-    col_mask = cols < N
+    row_start, row_end, row0, rows, cols, row_mask, col_mask = _gemm_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     local = tl.arange(0, BLOCK_M)
-    row0 = (pid_m * BLOCK_M).to(tl.int64)
     dy = _matmul_tile(DZ + row0 * K, W2, local, row_mask, cols, col_mask, K, N, 1, DOT_FP32, BLOCK_M, BLOCK_N,
                       BLOCK_K)
     mask = row_mask[:, None] & col_mask[None, :]
     idx = local[:, None] * N + cols[None, :]
-    row_end = tl.minimum(pid_m * BLOCK_M + BLOCK_M, M)
     pre = tl.load(PRE + row0 * N + idx, mask=mask, other=0.0).to(tl.float32)
-    s = _per_sample_tile(S, rows, pid_m * BLOCK_M, row_end, cols, col_mask, P, N, AT_MOST_TWO_SAMPLES)
-    coef = _per_sample_tile(COEF, rows, pid_m * BLOCK_M, row_end, cols, col_mask, P, N, AT_MOST_TWO_SAMPLES)
+    s = _per_sample_tile(S, rows, row_start, row_end, cols, col_mask, P, N, AT_MOST_TWO_SAMPLES)
+    coef = _per_sample_tile(COEF, rows, row_start, row_end, cols, col_mask, P, N, AT_MOST_TWO_SAMPLES)
     # du = dy s + u dG/G (GRN), then GELU'(x) = Phi(x) + x phi(x).
     du = dy * s + _gelu(pre) * coef
     dgelu = 0.5 * (1.0 + tl.math.erf(pre * SQRT1_2)) + pre * INV_SQRT_2PI * tl.exp(-0.5 * pre * pre)
@@ -349,8 +342,20 @@ def _launch_gemm2(u, s, w2, fbias, gate, x2, out, z, P, save_z, cfg):
                                  AT_MOST_TWO_SAMPLES=cfg.block_m <= P, **cfg.meta())
 
 
-def _row_grid(M, N, cfg):
-    return (triton.cdiv(M, cfg.block_p), triton.cdiv(N, cfg.block_c))
+def gate_backward(g2, z, gate, P):
+    """From g (M, C): dz = g * gate (M, C), db2 (C,) fp32 and a per-sample (B, C) fp32 sum: of g * z, or of g alone
+    when z is None (the block op, which gets dgate's z part from the dW2 GEMM instead)."""
+    M, C = g2.shape
+    dev = g2.device
+    rc = launch.rows_config(C, dev)
+    dz = launch.empty((M, C), g2.dtype, dev)
+    sum_b = torch.zeros((gate.shape[0], C), dtype=torch.float32, device=dev)
+    db2 = torch.zeros((C,), dtype=torch.float32, device=dev)
+    grid = (triton.cdiv(M, rc.block_p), triton.cdiv(C, rc.block_c))
+    _gate_bwd_kernel[grid](g2, g2 if z is None else z, gate, dz, sum_b, db2, M, C, P, WITH_Z=z is not None,
+                           AT_MOST_TWO_SAMPLES=rc.block_p <= P, BLOCK_M=rc.block_p, BLOCK_N=rc.block_c,
+                           num_warps=rc.num_warps)
+    return dz, db2, sum_b
 
 
 def grn_mlp_forward(h, x, gate, w1, b1, gamma, beta, w2, b2, save: bool, save_z: bool | None = None):
@@ -391,17 +396,10 @@ def grn_mlp_backward(g, h, gate, w1, gamma, beta, w2, pre, z, ss, s):
     """Gradients (dh, dgate, dw1, db1, dgamma, dbeta, dw2, db2) from the saved pre, z, ss, s (see KERNELS.md)."""
     B, H, W, C = h.shape
     P, M = H * W, B * H * W
-    dev, dt = h.device, h.dtype
+    dt = h.dtype
     g2, h2 = g.reshape(M, C), h.reshape(M, C)
 
-    rc = launch.rows_config(C, dev)
-    dz = launch.empty((M, C), dt, dev)
-    dgate = torch.zeros((B, C), dtype=torch.float32, device=dev)
-    db2 = torch.zeros((C,), dtype=torch.float32, device=dev)
-    _gate_bwd_kernel[_row_grid(M, C, rc)](g2, z, gate, dz, dgate, db2, M, C, P,
-                                          AT_MOST_TWO_SAMPLES=rc.block_p <= P, BLOCK_M=rc.block_p,
-                                          BLOCK_N=rc.block_c, num_warps=rc.num_warps)
-
+    dz, db2, dgate = gate_backward(g2, z, gate, P)
     us, a_sum = dy_grn_stats(dz, w2, pre, s, P)
     dw2 = torch.matmul(dz.t(), us)                                   # (C, M) x (M, J) -> (C, J)
     del us
