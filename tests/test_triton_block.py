@@ -58,18 +58,26 @@ def test_torch_compile_fullgraph_matches_eager(device):
         assert_rel_close(g, eg, 1e-6, "d" + name)
 
 
-def test_every_kernel_compiles_for_sm90():
-    """The interpreter never lowers the kernels; compile each one to an H100 cubin, as a GPU launch would."""
+@pytest.mark.parametrize("dtype", ["bf16", "fp32", "fp16"])
+def test_every_kernel_compiles_for_sm90_without_spills(dtype):
+    """The interpreter never lowers the kernels: compile each one to an H100 cubin with the tile configs launch.py
+    picks on CUDA at every FCDM-XL width, as a GPU launch would, and fail if a default config spills registers."""
     import os
+    import re
     import subprocess
     import sys
+    from fcdm_kernels.triton import block, dwconv_ln_modulate, grn_mlp
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-m", "fcdm_kernels.triton.compile_check", "--arch", "90"],
-                         capture_output=True, text=True, env=env, timeout=300)
+    run = subprocess.run([sys.executable, "-m", "fcdm_kernels.triton.compile_check", "--arch", "90", "--dtype", dtype,
+                          "--fail-on-spill"], capture_output=True, text=True, env=env, timeout=300)
     if "ptxas" in run.stdout + run.stderr and "not found" in run.stdout + run.stderr:
         pytest.skip("Triton's bundled ptxas is unavailable here")
     assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.count("OK ") == 12, run.stdout
+    compiled = set(re.findall(r"^OK +(\w+)", run.stdout, flags=re.M))
+    kernels = {name for module in (block, dwconv_ln_modulate, grn_mlp) for name in vars(module)
+               if name.startswith("_") and name.endswith("_kernel")}
+    assert kernels and compiled == kernels, run.stdout
+    assert all("REG:" in line for line in run.stdout.splitlines() if line.startswith("OK")), run.stdout
 
 
 # ------------------------------------------------------------------------------------------------------ whole models

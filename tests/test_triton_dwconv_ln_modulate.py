@@ -26,10 +26,10 @@ def poisoned_outputs(monkeypatch):
 def small_tiles(monkeypatch):
     """Force 8-pixel tiles (and 16-channel blocks in the dx/dW pass) so tiles cross image rows, a sample's last tile
     is partial, and the per-tile partial sums of dW/dbias/dshift/dscale are reduced over many tiles."""
-    def tiles(channels, pixels, device):
+    def tiles(channels, pixels, dtype, device):
         return launch.TileConfig(8, triton.next_power_of_2(channels), 4)
 
-    def grad_tiles(channels, pixels, device):
+    def grad_tiles(channels, pixels, dtype, device):
         return launch.TileConfig(8, 16, 4)
     monkeypatch.setattr(launch, "dwconv_config", tiles)
     monkeypatch.setattr(launch, "dwconv_grad_config", grad_tiles)

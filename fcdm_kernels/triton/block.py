@@ -23,8 +23,6 @@ from . import grn_mlp as mlp
 from . import launch
 from .dwconv_ln_modulate import dwconv_ln_modulate_backward, dwconv_ln_modulate_forward
 
-_H100_SMS = 132  # programs to fill when choosing the dW2 split over samples
-
 
 # ----------------------------------------------------------------------------------------------------------- kernels
 @triton.jit
@@ -76,26 +74,15 @@ def _dw2_dgate_kernel(
 
 
 # ---------------------------------------------------------------------------------------------------------- launchers
-def _dw2_dgate_tiles(C: int, J: int, P: int, dtype: torch.dtype, device: torch.device) -> dict:
-    """Tile of the dW2 + dgate GEMM: (C, J) output tile and the pixel step of its per-sample reduction."""
-    pow2 = triton.next_power_of_2
-    if launch.interpreting(device):
-        return dict(BLOCK_C=min(max(pow2(C), 16), 64), BLOCK_J=min(max(pow2(J), 16), 128),
-                    BLOCK_P=min(max(pow2(P), 16), 64), num_warps=1, num_stages=1)
-    if dtype == torch.float32:
-        return dict(BLOCK_C=64, BLOCK_J=64, BLOCK_P=32, num_warps=4, num_stages=3)
-    return dict(BLOCK_C=128, BLOCK_J=128, BLOCK_P=64, num_warps=8, num_stages=3)
-
-
 def dw2_dgate(g2, us, gate, w2, P):
     """(dW2 without its db2 beta^T term, fp32 (C, J); the z-part of dgate, fp32 (B, C)) from g and u * s."""
     M, C = g2.shape
     B, J = gate.shape[0], us.shape[1]
     dev = g2.device
-    meta = _dw2_dgate_tiles(C, J, P, g2.dtype, dev)
+    meta = launch.dw2_dgate_config(C, J, P, g2.dtype, dev)
     tiles = triton.cdiv(C, meta["BLOCK_C"]) * triton.cdiv(J, meta["BLOCK_J"])
     # Split the samples so that small (C, J) grids still fill the GPU; the interpreter splits in two so tests cover it.
-    splits = min(B, 2) if launch.interpreting(dev) else min(B, max(1, triton.cdiv(2 * _H100_SMS, tiles)))
+    splits = min(B, 2) if launch.interpreting(dev) else min(B, max(1, triton.cdiv(2 * launch.H100_SMS, tiles)))
     per_split = triton.cdiv(B, splits)
     splits = triton.cdiv(B, per_split)
     part_w = launch.empty((splits, C, J), torch.float32, dev)

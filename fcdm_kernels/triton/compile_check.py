@@ -1,21 +1,26 @@
 """Compile every Triton kernel of the FCDM block for a GPU architecture, without a GPU.
 
 The CPU interpreter runs the kernels' maths but never lowers them, so errors that only the GPU compiler sees (a
-non-constexpr global, an unsupported op, a layout it cannot build) would first show up on a GPU machine. This lowers
-each kernel with its production config to a cubin for sm_90 and prints ptxas's registers and spills per kernel.
+non-constexpr global, an unsupported op, a layout it cannot build) and register spills would first show up on a GPU
+machine. This lowers each kernel, with the tile configs `launch.py` picks on CUDA at each FCDM-XL level of a 256px
+model, to a cubin and prints ptxas's registers and spill stack per kernel.
 
-    python -m fcdm_kernels.triton.compile_check [--arch 90] [--dtype bf16]
+    python -m fcdm_kernels.triton.compile_check [--arch 90] [--dtype bf16] [--fail-on-spill] [--all-candidates]
 
-TRITON_INTERPRET must be unset (the decorators must build real JIT functions); exit status 1 if any kernel fails.
+--all-candidates also compiles every GEMM config the tuner may time (not only the untuned default), and
+--fail-on-spill makes a spill in a default config a failure. TRITON_INTERPRET must be unset (the decorators must
+build real JIT functions); the exit status is 1 if any kernel fails.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import tempfile
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -23,46 +28,68 @@ from triton.compiler import ASTSource
 from . import block as blk
 from . import dwconv_ln_modulate as dw
 from . import grn_mlp as mlp
+from . import launch
 
 # Integer arguments that are multiples of 16 at every FCDM width get Triton's divisibility hint, as a launch would.
 _DIVISIBLE = {"C", "N", "K", "J"}
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# (channels, pixels per image) of the three FCDM-XL levels at 256px (a 32x32 latent).
+XL_LEVELS = ((512, 32 * 32), (1024, 16 * 16), (2048, 8 * 8))
+_GEMMS = {  # op name in launch.gemm_candidates -> (kernel, pointer dtypes (filled per dtype), extra constexprs)
+    "gemm1": (mlp._gemm1_gelu_kernel, ("A", "W1", "B1", "U", "PRE"), ("SS",), dict(SAVE_PRE=True)),
+    "gemm2": (mlp._gemm2_grn_gate_kernel, ("U", "W2", "GATE", "X", "OUT", "Z"), ("S", "FBIAS"), dict(SAVE_Z=True)),
+    "dy_stats": (mlp._dy_grn_stats_kernel, ("DZ", "W2", "PRE", "US"), ("S", "A_SUM"), {}),
+    "dy_gelu": (mlp._dy_gelu_bwd_kernel, ("DZ", "W2", "PRE", "DPRE"), ("S", "COEF", "DB1"), {}),
+}
 
 
-def _kernels(dtype: str):
-    """(kernel, pointer dtypes, constexprs, launch options) for each kernel at an FCDM-XL level-1 config."""
+def _kernels(dtype: str, channels: int, pixels: int, all_candidates: bool):
+    """(kernel, pointer dtypes, constexprs, launch options, is_default) for each launch at one level's shape, with the
+    configs launch.py chooses on a CUDA device."""
     A, F = f"*{dtype}", "*fp32"
+    tdtype = _DTYPES[dtype]
+    cuda = torch.device("cuda")  # launch.py only looks at the device type; no GPU is touched
+    C, J, P = channels, 3 * channels, pixels
     fp32 = dtype == "fp32"
-    gemm = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8) if fp32 else \
-        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)
-    gemm_opts = dict(num_warps=4 if fp32 else 8, num_stages=3)
-    return [
-        (dw._dwconv_ln_modulate_fwd_kernel, dict(X=A, WT=A, BIAS=A, SHIFT=A, SCALE=A, OUT=A, eps="fp32"),
-         dict(BLOCK_P=8, BLOCK_C=512, EVEN_C=True), dict(num_warps=4)),
-        (dw._dwconv_ln_modulate_bwd_norm_kernel, dict(X=A, WT=A, BIAS=A, SCALE=A, DH=A, DH0=A, PART_SHIFT=F,
-                                                      PART_SCALE=F, PART_BIAS=F, eps="fp32"),
-         dict(BLOCK_P=8, BLOCK_C=512, EVEN_C=True), dict(num_warps=4)),
-        # With the block's residual add: a superset of the plain op's variant.
-        (dw._dwconv_bwd_input_weight_kernel, dict(X=A, DH0=A, WT=A, RES=A, DX=A, PART_W=F),
-         dict(HAS_RESIDUAL=True, BLOCK_P=128, BLOCK_C=64), dict(num_warps=8)),
-        (mlp._gemm1_gelu_kernel, dict(A=A, W1=A, B1=A, U=A, PRE=A, SS=F),
-         dict(SAVE_PRE=True, DOT_FP32=fp32, **gemm), gemm_opts),
-        (mlp._gemm2_grn_gate_kernel, dict(U=A, S=F, W2=A, FBIAS=F, GATE=A, X=A, OUT=A, Z=A),
-         dict(SAVE_Z=True, DOT_FP32=fp32, AT_MOST_TWO_SAMPLES=True, **gemm), gemm_opts),
-        (mlp._dy_grn_stats_kernel, dict(DZ=A, W2=A, PRE=A, S=F, US=A, A_SUM=F),
-         dict(DOT_FP32=fp32, AT_MOST_TWO_SAMPLES=True, **gemm), gemm_opts),
-        (mlp._dy_gelu_bwd_kernel, dict(DZ=A, W2=A, PRE=A, S=F, COEF=F, DPRE=A, DB1=F),
-         dict(DOT_FP32=fp32, AT_MOST_TWO_SAMPLES=True, **gemm), gemm_opts),
-        (mlp._gate_bwd_kernel, dict(G=A, Z=A, GATE=A, DZ=A, SUM_B=F, DB2=F),
-         dict(WITH_Z=True, AT_MOST_TWO_SAMPLES=True, BLOCK_M=32, BLOCK_N=256), dict(num_warps=8)),
-        (mlp._grn_scale_kernel, dict(SS=F, GAMMA=A, S=F, eps="fp32"), dict(BLOCK_J=1024), dict(num_warps=4)),
-        (mlp._grn_bwd_coeff_kernel, dict(SS=F, A_SUM=F, GAMMA=A, COEF=F, DGAMMA=F, eps="fp32"),
-         dict(BLOCK_J=1024), dict(num_warps=4)),
-        (blk._dw2_dgate_kernel, dict(G=A, US=A, GATE=A, W2=A, PART_W=F, DGATE=F),
-         dict(DOT_FP32=fp32, BLOCK_C=64 if fp32 else 128, BLOCK_J=64 if fp32 else 128, BLOCK_P=32 if fp32 else 64),
-         dict(num_warps=4 if fp32 else 8, num_stages=3)),
-        (mlp._gate_bwd_kernel, dict(G=A, Z=A, GATE=A, DZ=A, SUM_B=F, DB2=F),
-         dict(WITH_Z=False, AT_MOST_TWO_SAMPLES=True, BLOCK_M=32, BLOCK_N=256), dict(num_warps=8)),
-    ]
+    out = []
+    tile = launch.dwconv_config(C, P, tdtype, cuda)
+    tiles = dict(BLOCK_P=tile.block_p, BLOCK_C=tile.block_c, EVEN_C=tile.block_c == C)
+    out.append((dw._dwconv_ln_modulate_fwd_kernel, dict(X=A, WT=A, BIAS=A, SHIFT=A, SCALE=A, OUT=A, eps="fp32"),
+                tiles, dict(num_warps=tile.num_warps), True))
+    out.append((dw._dwconv_ln_modulate_bwd_norm_kernel, dict(X=A, WT=A, BIAS=A, SCALE=A, DH=A, DH0=A, PART_SHIFT=F,
+                                                             PART_SCALE=F, PART_BIAS=F, eps="fp32"),
+                tiles, dict(num_warps=tile.num_warps), True))
+    grad = launch.dwconv_grad_config(C, P, tdtype, cuda)
+    # With the block's residual add: a superset of the plain op's variant.
+    out.append((dw._dwconv_bwd_input_weight_kernel, dict(X=A, DH0=A, WT=A, RES=A, DX=A, PART_W=F),
+                dict(HAS_RESIDUAL=True, BLOCK_P=grad.block_p, BLOCK_C=grad.block_c),
+                dict(num_warps=grad.num_warps), True))
+    for op, (fn, act_ptrs, fp32_ptrs, extra) in _GEMMS.items():
+        n = C if op == "gemm2" else J
+        candidates = launch.gemm_candidates(op, n, tdtype)
+        for i, cfg in enumerate(candidates if all_candidates else candidates[:1]):
+            meta = cfg.meta()
+            options = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages"))
+            constexprs = dict(DOT_FP32=fp32, **extra, **meta)
+            if op != "gemm1":
+                constexprs["AT_MOST_TWO_SAMPLES"] = cfg.block_m <= P
+            pointers = {**{name: A for name in act_ptrs}, **{name: F for name in fp32_ptrs}}
+            out.append((fn, pointers, constexprs, options, i == 0))
+    rows = launch.rows_config(C, cuda)
+    for with_z in (True, False):
+        out.append((mlp._gate_bwd_kernel, dict(G=A, Z=A, GATE=A, DZ=A, SUM_B=F, DB2=F),
+                    dict(WITH_Z=with_z, AT_MOST_TWO_SAMPLES=rows.block_p <= P, BLOCK_M=rows.block_p,
+                         BLOCK_N=rows.block_c), dict(num_warps=rows.num_warps), True))
+    vec = launch.vector_block(J, cuda)
+    out.append((mlp._grn_scale_kernel, dict(SS=F, GAMMA=A, S=F, eps="fp32"), dict(BLOCK_J=vec), dict(num_warps=4),
+                True))
+    out.append((mlp._grn_bwd_coeff_kernel, dict(SS=F, A_SUM=F, GAMMA=A, COEF=F, DGAMMA=F, eps="fp32"),
+                dict(BLOCK_J=vec), dict(num_warps=4), True))
+    meta = launch.dw2_dgate_config(C, J, P, tdtype, cuda)
+    options = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages"))
+    out.append((blk._dw2_dgate_kernel, dict(G=A, US=A, GATE=A, W2=A, PART_W=F, DGATE=F),
+                dict(DOT_FP32=fp32, **meta), options, True))
+    return out
 
 
 def _resource_usage(cubin: bytes) -> str:
@@ -78,31 +105,63 @@ def _resource_usage(cubin: bytes) -> str:
                     if word.startswith(("REG:", "STACK:")))
 
 
-def compile_all(arch: int, dtype: str) -> int:
-    """Compile each kernel; print one line per kernel and return the number of failures."""
+def spill_bytes(usage: str) -> int:
+    """The STACK bytes of a `_resource_usage` line (0 when absent)."""
+    found = re.search(r"STACK:(\d+)", usage)
+    return int(found.group(1)) if found else 0
+
+
+def _describe(constexprs: dict, options: dict) -> str:
+    keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_P", "BLOCK_C", "BLOCK_J")
+    tile = "x".join(str(constexprs[k]) for k in keys if k in constexprs)
+    return f"{tile} w{options.get('num_warps', 4)}" + (f"s{options['num_stages']}" if "num_stages" in options else "")
+
+
+def compile_all(arch: int, dtype: str, levels=XL_LEVELS, all_candidates: bool = False,
+                fail_on_spill: bool = False) -> int:
+    """Compile each kernel at each level; print one line per launch config and return the number of failures."""
     target = GPUTarget("cuda", arch, 32)
     failures = 0
-    for fn, pointers, constexprs, options in _kernels(dtype):
-        signature = {name: "constexpr" if name in constexprs else pointers.get(name, "i32") for name in fn.arg_names}
-        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-                 if signature[name].startswith("*") or name in _DIVISIBLE}
-        try:
-            kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options)
-            print(f"OK   {fn.__name__:40s} {_resource_usage(kernel.asm['cubin'])}")
-        except Exception as e:  # report every kernel, not just the first failure
-            failures += 1
-            print(f"FAIL {fn.__name__}: {type(e).__name__}: {e}")
+    seen = set()
+    for channels, pixels in levels:
+        for fn, pointers, constexprs, options, default in _kernels(dtype, channels, pixels, all_candidates):
+            key = (fn.__name__, tuple(sorted(constexprs.items())), tuple(sorted(options.items())))
+            if key in seen:  # the same specialisation at another level: one cubin, one line
+                continue
+            seen.add(key)
+            signature = {name: "constexpr" if name in constexprs else pointers.get(name, "i32")
+                         for name in fn.arg_names}
+            attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+                     if signature[name].startswith("*") or name in _DIVISIBLE}
+            label = f"{fn.__name__:36s} C={channels:<5d}{_describe(constexprs, options):22s}"
+            try:
+                kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options)
+            except Exception as e:  # report every kernel, not just the first failure
+                failures += 1
+                print(f"FAIL {label} {type(e).__name__}: {e}")
+                continue
+            usage = _resource_usage(kernel.asm["cubin"])
+            if fail_on_spill and default and spill_bytes(usage) > 0:
+                failures += 1
+                print(f"SPILL {label} {usage}")
+            else:
+                print(f"OK   {label} {usage}{'' if default else '  (tuning candidate)'}")
     return failures
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 90 for H100")
-    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    parser.add_argument("--dtype", choices=tuple(_DTYPES), default="bf16")
+    parser.add_argument("--all-candidates", action="store_true",
+                        help="also compile every GEMM config the tuner may time, not only the default")
+    parser.add_argument("--fail-on-spill", action="store_true",
+                        help="fail when a default config spills registers to local memory")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: the interpreter builds no GPU code")
-    return 1 if compile_all(args.arch, args.dtype) else 0
+    return 1 if compile_all(args.arch, args.dtype, all_candidates=args.all_candidates,
+                            fail_on_spill=args.fail_on_spill) else 0
 
 
 if __name__ == "__main__":

@@ -188,7 +188,7 @@ def _taps_major(weight: torch.Tensor) -> torch.Tensor:
 def dwconv_ln_modulate_forward(x, weight, bias, shift, scale, eps: float) -> torch.Tensor:
     """Launch the forward kernel; x: (B, H, W, C) -> h: (B, H, W, C)."""
     B, H, W, C = x.shape
-    cfg = launch.dwconv_config(C, H * W, x.device)
+    cfg = launch.dwconv_config(C, H * W, x.dtype, x.device)
     out = launch.empty(x.shape, x.dtype, x.device)
     grid = (triton.cdiv(H * W, cfg.block_p), B)
     _dwconv_ln_modulate_fwd_kernel[grid](x, _taps_major(weight), bias, shift, scale, out, H, W, C, eps,
@@ -205,7 +205,7 @@ def dwconv_ln_modulate_backward(dh, x, weight, bias, scale, eps: float, residual
     dev = x.device
     wt = _taps_major(weight)
     # Pass 1: LayerNorm + modulation backward, one program per pixel tile across all channels.
-    cfg = launch.dwconv_config(C, P, dev)
+    cfg = launch.dwconv_config(C, P, x.dtype, dev)
     n_ptiles = triton.cdiv(P, cfg.block_p)
     dh0 = launch.empty(x.shape, x.dtype, dev)
     part_shift, part_scale, part_bias = (launch.empty((B, n_ptiles, C), torch.float32, dev) for _ in range(3))
@@ -213,7 +213,7 @@ def dwconv_ln_modulate_backward(dh, x, weight, bias, scale, eps: float, residual
         x, wt, bias, scale, dh, dh0, part_shift, part_scale, part_bias, H, W, C, n_ptiles, eps,
         BLOCK_P=cfg.block_p, BLOCK_C=cfg.block_c, EVEN_C=cfg.block_c == C, num_warps=cfg.num_warps)
     # Pass 2: the depthwise conv's input and weight gradients, channel-blocked.
-    gcfg = launch.dwconv_grad_config(C, P, dev)
+    gcfg = launch.dwconv_grad_config(C, P, x.dtype, dev)
     g_ptiles = triton.cdiv(P, gcfg.block_p)
     dx = launch.empty(x.shape, x.dtype, dev)
     part_w = launch.empty((B * g_ptiles, TAPS, C), torch.float32, dev)

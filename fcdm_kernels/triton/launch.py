@@ -50,26 +50,29 @@ class TileConfig:
     num_warps: int
 
 
-def dwconv_config(channels: int, pixels: int, device: torch.device) -> TileConfig:
+def dwconv_config(channels: int, pixels: int, dtype: torch.dtype, device: torch.device) -> TileConfig:
     """Forward and norm-backward of dwconv_ln_modulate: each program owns BLOCK_P pixels of one sample across all C
     channels, so the LayerNorm statistics never leave the program."""
     block_c = _pow2(channels)
     if interpreting(device):
         return TileConfig(min(_pow2(pixels), max(1, 16384 // block_c)), block_c, 4)
-    # 4k fp32 accumulators over 4 warps (32 per thread) keep ptxas near 150 registers with no spills at every FCDM
-    # width (C = 512: 8 pixels, C = 2048: 2 pixels), so three programs fit on an SM.
+    # 4k fp32 accumulators per program keep every FCDM width (C = 512: 8 pixels, C = 2048: 2 pixels) free of spills
+    # on sm_90 with Triton 3.6 and 3.9 on 4 warps, except fp32 inputs and C = 1024, which need 8 (with 4, ptxas
+    # spills or keeps a stack frame of 16-40 B there). `compile_check --fail-on-spill` checks every width.
     block_p = max(1, min(_pow2(pixels), 4096 // block_c))
-    return TileConfig(block_p, block_c, 4)
+    return TileConfig(block_p, block_c, 8 if dtype == torch.float32 or block_c == 1024 else 4)
 
 
-def dwconv_grad_config(channels: int, pixels: int, device: torch.device) -> TileConfig:
+def dwconv_grad_config(channels: int, pixels: int, dtype: torch.dtype, device: torch.device) -> TileConfig:
     """Input/weight backward of the depthwise conv: channel-blocked, with many pixels per program so the per-tile
     partial sums of dW (49 x C floats per tile) stay small."""
     if interpreting(device):
         block_c = _pow2(channels)
         return TileConfig(min(_pow2(pixels), max(1, 16384 // block_c)), block_c, 4)
     block_c = min(_pow2(channels), 64)
-    return TileConfig(min(_pow2(pixels), 8192 // block_c), block_c, 8)
+    # fp32 tiles take twice the registers of bf16 ones: 128 x 64 spills 584 B on sm_90 (ptxas), 64 x 64 none.
+    elements = 4096 if dtype == torch.float32 else 8192
+    return TileConfig(min(_pow2(pixels), elements // block_c), block_c, 8)
 
 
 def rows_config(cols: int, device: torch.device) -> TileConfig:
@@ -101,16 +104,23 @@ class GemmConfig:
                     num_warps=self.num_warps, num_stages=self.num_stages)
 
 
-def _gemm_candidates(op: str, n: int, dtype: torch.dtype) -> list[GemmConfig]:
+def gemm_candidates(op: str, n: int, dtype: torch.dtype) -> list[GemmConfig]:
     """A small H100 candidate set, the untuned default first; fp32 (IEEE FMA, no tensor cores) gets smaller tiles.
-    The dy GEMMs carry a heavy epilogue (GELU', GRN terms, per-sample sums), so they get a 64x64 tile instead of
-    the 128x256 one, which spills there (ptxas, sm_90)."""
+
+    The dy GEMMs carry a heavy epilogue (the saved pre-activation and two per-sample tables as fp32 tiles), so their
+    default is 128 x 64: at 128 x 128 ptxas spills 456 B (dy_stats) and 1136 B (dy_gelu) in bf16 on sm_90, at
+    128 x 64 none. 128 x 128 stays a candidate for the tuner to time. `compile_check --fail-on-spill` checks every
+    default."""
     if dtype == torch.float32:
         return [GemmConfig(64, 64, 32, num_warps=4, num_stages=3), GemmConfig(128, 64, 32, num_warps=8, num_stages=3)]
-    wide = GemmConfig(64, 64, 64, num_warps=4, num_stages=4) if op.startswith("dy") else \
-        GemmConfig(128, 256, 64, num_warps=8, num_stages=3)
-    cands = [GemmConfig(128, 128, 64, num_warps=8, num_stages=3), wide,
-             GemmConfig(64, 128, 64, num_warps=4, num_stages=4)]
+    if op.startswith("dy"):
+        cands = [GemmConfig(128, 64, 64, num_warps=8, num_stages=3), GemmConfig(64, 64, 64, num_warps=4, num_stages=4),
+                 GemmConfig(128, 128, 64, num_warps=8, num_stages=3)]
+        if dtype == torch.float16:  # fp16's epilogue converts differently: 128 x 64 spills 16 B there, this none
+            cands.insert(0, GemmConfig(64, 64, 64, num_warps=8, num_stages=3))
+    else:
+        cands = [GemmConfig(128, 128, 64, num_warps=8, num_stages=3), GemmConfig(128, 256, 64, num_warps=8, num_stages=3),
+                 GemmConfig(64, 128, 64, num_warps=4, num_stages=4)]
     return [c for c in cands if c.block_n <= max(_pow2(n), 64)]
 
 
@@ -130,7 +140,7 @@ def gemm_config(op: str, m: int, n: int, k: int, pixels: int, dtype: torch.dtype
         return _gemm_interpreter_config(m, n, k)
     key = (op, n, k, pixels, dtype)
     if key not in _TUNED:
-        cands = _gemm_candidates(op, n, dtype)
+        cands = gemm_candidates(op, n, dtype)
         if len(cands) == 1 or os.environ.get("FCDM_TRITON_TUNE", "1") == "0":
             _TUNED[key] = cands[0]
         else:
@@ -145,3 +155,17 @@ def gemm_config(op: str, m: int, n: int, k: int, pixels: int, dtype: torch.dtype
                 raise RuntimeError(f"no Triton GEMM config could run {op} at N={n}, K={k}")
             _TUNED[key] = min(times, key=lambda tc: tc[0])[1]
     return _TUNED[key]
+
+
+H100_SMS = 132  # programs to fill when choosing the dW2 split over samples
+
+
+def dw2_dgate_config(C: int, J: int, P: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """Tile of the block's dW2 + dgate GEMM: (C, J) output tile, the pixel step of its per-sample reduction, and
+    launch options."""
+    if interpreting(device):
+        return dict(BLOCK_C=min(max(_pow2(C), 16), 64), BLOCK_J=min(max(_pow2(J), 16), 128),
+                    BLOCK_P=min(max(_pow2(P), 16), 64), num_warps=1, num_stages=1)
+    if dtype == torch.float32:
+        return dict(BLOCK_C=64, BLOCK_J=64, BLOCK_P=32, num_warps=4, num_stages=3)
+    return dict(BLOCK_C=128, BLOCK_J=128, BLOCK_P=64, num_warps=8, num_stages=3)
