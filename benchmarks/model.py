@@ -92,7 +92,9 @@ def _compile_blocks(model: nn.Module) -> None:
 
 
 def build_variant(variant: str, model_name: str, dit_name: str, latent: int, device: torch.device,
-                  compile_scope: str, grad_checkpointing: bool) -> Built:
+                  compile_scope: str, grad_checkpointing: bool, fused_backend: str | None = None) -> Built:
+    """The model of one variant on `device`. `fused_backend` names the backend of the fused variant instead of probing
+    what `auto` would run here (the memory predictor traces the Triton path on fake CPU tensors)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if variant.endswith("_compile") and device.type != "cuda" and os.environ.get("FCDM_BENCH_CPU_COMPILE") != "1":
@@ -107,10 +109,11 @@ def build_variant(variant: str, model_name: str, dit_name: str, latent: int, dev
             model = NCHWFCDM(hidden_size=C, depth=depth, grad_checkpointing=grad_checkpointing)
             built = Built(model, None, fcdm_flops, f"{model_name} official layout")
         else:
-            backend = "torch" if variant == "reference" else _fused_backend(device)
+            backend = "torch" if variant == "reference" else fused_backend or _fused_backend(device)
             model = FCDM_models[model_name](grad_checkpointing=grad_checkpointing)
             built = Built(model, backend, fcdm_flops, f"{model_name} channels-last")
-    built.model.to(device)
+    if any(t.device != device for t in built.model.state_dict().values()):  # a no-op .to() breaks fake tensors
+        built.model.to(device)
     if variant.endswith("_compile"):
         import torch._dynamo
         torch._dynamo.reset()
@@ -155,14 +158,16 @@ def _inputs(batch: int, latent: int, device, seed: int = 0):
     return x0, noise, t, y
 
 
-def make_train_step(model: nn.Module, batch: int, latent: int, device, precision: str) -> Callable[[], None]:
-    """forward + backward (bf16 autocast, fp32 master weights) + AdamW + fp32 EMA on one fixed batch."""
+def make_train_step(model: nn.Module, batch: int, latent: int, device, precision: str,
+                    fused_optimizer: bool | None = None) -> Callable[[], None]:
+    """forward + backward (bf16 autocast, fp32 master weights) + AdamW + fp32 EMA on one fixed batch. AdamW is the
+    fused kernel on CUDA (no parameter-sized temporaries) unless `fused_optimizer` says otherwise."""
     x0, noise, t, y = _inputs(batch, latent, device)
     betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64, device=device)
     alpha_bar = torch.cumprod(1 - betas, 0)[t].float().view(-1, 1, 1, 1)
     x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise  # the eps-prediction objective's input
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=device.type == "cuda" if fused_optimizer is None else fused_optimizer)
     ema = FP32EMA(params)
     model.train()
 

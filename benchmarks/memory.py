@@ -1,0 +1,163 @@
+"""Predicted peak memory of a training step, from a fake-tensor trace: no GPU, no real allocation.
+
+    python -m benchmarks.memory --model FCDM-XL --batch 64 --res 256
+    python -m benchmarks.memory --suite quick --results-dir DIR      # what gpu_check.sh writes next to its timings
+
+The step is exactly the one `benchmarks.model` times (bf16 autocast over fp32 master weights, fused AdamW, an fp32
+EMA), built by the same functions, run twice under FakeTensorMode with torch's MemTracker counting every tensor's
+bytes by role; the peak of the second (steady-state) step is reported. Fake tensors live on the CPU, so CPU autocast
+stands in for CUDA's (both cast convolutions and matmuls to bf16), and the fused variant traces the Triton block
+op's fake kernel, which allocates and saves exactly what the GPU kernels do.
+
+What a trace cannot see, and a GPU run adds on top: the CUDA context, cuBLAS/cuDNN workspaces, the caching
+allocator's rounding and fragmentation, and Triton's autotuning scratch. `max_memory_allocated` on the GPU excludes
+the context and workspaces that live outside the allocator, so it should land at or slightly above this prediction.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from fcdm.models import FCDM_models
+from fcdm_kernels import dispatch
+
+from . import common
+from .model import _autocast, _backend_context, build_variant, make_train_step
+
+VARIANTS = ("official", "reference", "fused", "dit")
+# What each MemTracker role is called here; the EMA's fp32 copy is the only tensor tracked as "Other".
+ROLES = {"Parameter": "params", "Buffer": "buffers", "Gradient": "grads", "Optstate": "adamw", "Other": "ema",
+         "Activation": "activations", "Temp": "temporaries"}
+SUITES = {"quick": (("FCDM-XL", 64, 256), ("FCDM-XL", 16, 512)), "tiny": (("FCDM-T", 2, 64),)}
+
+
+@contextlib.contextmanager
+def _fused_ops_on_fake_cpu():
+    """Let dispatch resolve the Triton backend for CPU tensors while tracing: no kernel runs under FakeTensorMode,
+    only the ops' fake implementations, so the interpreter flag merely unlocks the resolution."""
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+
+
+def _mem_tracker():
+    try:
+        from torch.distributed._tools.mem_tracker import MemTracker
+    except ImportError as e:  # a private module: say which torch lacks it rather than failing obscurely
+        raise RuntimeError(f"torch {torch.__version__} has no torch.distributed._tools.mem_tracker ({e}); "
+                           f"the memory prediction needs torch >= 2.5") from None
+    return MemTracker()
+
+
+def predict_train_step(variant: str, model_name: str, batch: int, res: int, grad_checkpointing: bool = False,
+                       precision: str = "bf16") -> dict:
+    """Peak bytes of one steady-state training step, by role, plus 'total' (all in bytes)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if model_name not in FCDM_models:
+        raise ValueError(f"model must be one of {sorted(FCDM_models)}, got {model_name!r}")
+    if batch < 1 or res % 32:
+        raise ValueError(f"batch must be positive and res a multiple of 32, got batch={batch}, res={res}")
+    cpu = torch.device("cpu")
+    dit = "DiT-T/2" if model_name == "FCDM-T" else "DiT-XL/2"
+    fused = variant == "fused"
+    if fused and dispatch.unavailable_reason("convnext_block", "triton", torch.device("cuda")) is not None:
+        raise RuntimeError("the fused variant traces the Triton backend, which cannot be loaded here: "
+                           + dispatch.unavailable_reason("convnext_block", "triton", torch.device("cuda")))
+    with FakeTensorMode(), (_fused_ops_on_fake_cpu() if fused else contextlib.nullcontext()):
+        built = build_variant(variant, model_name, dit, res // 8, cpu, "blocks", grad_checkpointing,
+                              fused_backend="triton" if fused else None)
+        step = make_train_step(built.model, batch, res // 8, cpu, precision, fused_optimizer=True)
+        tracker = _mem_tracker()
+        tracker.track_external(built.model, step.optimizer, *step.ema.shadow)
+        with tracker, _backend_context(built.backend):
+            step()  # the first step creates AdamW's state
+            tracker.reset_mod_stats()
+            step()
+        peak = tracker.get_tracker_snapshot("peak")
+    by_role = next(iter(peak.values()), {})
+    out = {name: 0 for name in ROLES.values()}
+    for role, nbytes in by_role.items():
+        key = getattr(role, "value", role)
+        if key == "Total":
+            out["total"] = nbytes
+        else:
+            out[ROLES.get(key, key)] = nbytes
+    out.setdefault("total", sum(v for k, v in out.items()))
+    return out
+
+
+def prediction_row(variant: str, model_name: str, batch: int, res: int, grad_checkpointing: bool, env: dict) -> dict:
+    row = dict(env, bench="memory", mode="train", model=model_name, variant=variant, batch=batch, res=res,
+               precision="bf16", grad_checkpointing=grad_checkpointing)
+    try:
+        gib = {k: v / 2 ** 30 for k, v in predict_train_step(variant, model_name, batch, res,
+                                                             grad_checkpointing).items()}
+        row.update(status="ok", reason="", predicted_gib=gib.pop("total"), **{f"{k}_gib": v for k, v in gib.items()})
+    except Exception as e:  # one variant that cannot be traced must not lose the others' rows
+        row.update(status="n/a", reason=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    return row
+
+
+def format_row(r: dict) -> str:
+    head = f"train  {r['model']:<8} B={r['batch']:<4} {r['res']:>4}px {r['variant']:<10}"
+    if r["status"] != "ok":
+        return f"{head} n/a: {r['reason']}"
+    parts = "  ".join(f"{name} {r[f'{name}_gib']:.3g}" for name in ("params", "grads", "adamw", "ema", "activations",
+                                                                    "temporaries"))
+    return f"{head} predicted peak {r['predicted_gib']:.4g} GiB = {parts}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.memory", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="FCDM-XL", choices=sorted(FCDM_models))
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--res", type=int, default=256, help="image resolution in pixels; the latent is res/8")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list from {VARIANTS}")
+    p.add_argument("--suite", choices=tuple(SUITES), default=None,
+                   help="a fixed set of cases instead of one (ignores --model/--batch/--res)")
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--results-dir", type=Path, default=common.DEFAULT_RESULTS_DIR)
+    p.add_argument("--no-write", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.batch < 1:
+        p.error(f"--batch must be positive, got {args.batch}")
+    if args.res % 32:
+        p.error(f"--res must be a multiple of 32 (latent res/8 divisible by 4), got {args.res}")
+    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    if not variants or any(v not in VARIANTS for v in variants):
+        p.error(f"--variants must be a comma list from {VARIANTS}, got {args.variants!r}")
+    cases = SUITES[args.suite] if args.suite else ((args.model, args.batch, args.res),)
+    env = common.environment(torch.device("cpu"))
+    print(f"# predicted from a fake-tensor trace (no GPU) | torch {env['torch']} | commit {env['commit']} | "
+          f"run {env['run_id']}", flush=True)
+    rows = []
+    for model_name, batch, res in cases:
+        for variant in variants:
+            rows.append(prediction_row(variant, model_name, batch, res, args.grad_checkpointing, env))
+            print(format_row(rows[-1]), flush=True)
+    if not args.no_write:
+        common.append_jsonl(Path(args.results_dir) / "memory.jsonl", rows)
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
