@@ -27,7 +27,7 @@ from fcdm.models import FCDM_models
 from fcdm_kernels import dispatch
 
 from . import common
-from .model import _autocast, _backend_context, build_variant, make_train_step
+from .model import _backend_context, build_variant, make_train_step
 
 VARIANTS = ("official", "reference", "fused", "dit")
 # What each MemTracker role is called here; the EMA's fp32 copy is the only tensor tracked as "Other".

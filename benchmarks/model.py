@@ -72,7 +72,9 @@ class Unavailable(Exception):
 def _fused_backend(device: torch.device) -> str:
     """The fused backend `auto` would run both block ops on, or raise Unavailable."""
     if device.type != "cuda":
-        raise Unavailable("the fused kernels are timed on CUDA only")
+        if device.type == "cpu" and dispatch.unavailable_reason("grn_mlp", "triton", device) is None:
+            return "triton"  # the Triton interpreter (TRITON_INTERPRET=1): a smoke run of the fused path, not a speed
+        raise Unavailable("the fused kernels are timed on CUDA only (TRITON_INTERPRET=1 smoke-runs them on CPU)")
     chosen = set()
     probe = torch.empty(1, 1, 1, 8, device=device)
     with use_backend("auto"):

@@ -41,3 +41,19 @@ def block_args(B, H, W, C, dtype, device, requires_grad=True) -> list[torch.Tens
             torch.randn(C, 7, 7) / 7, torch.randn(C) * 0.5, torch.randn(J, C) / C ** 0.5, torch.randn(J) * 0.1,
             torch.randn(J), torch.randn(J) * 0.3, torch.randn(C, J) / J ** 0.5, torch.randn(C) * 0.1)
     return [a.to(device=device, dtype=dtype).requires_grad_(requires_grad) for a in args]
+
+
+def assert_block_matches_fp64(block, args: list[torch.Tensor], dtype: torch.dtype) -> None:
+    """block(*args) and the gradients of all twelve arguments against convnext_block_reference in fp64, each within
+    REL_TOL[dtype]; a reference gradient that is all zero fails, as the check would not exercise it."""
+    from fcdm_kernels.reference import convnext_block_reference
+    out = block(*args)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, args, grad_out)
+    exact = [a.detach().double().requires_grad_() for a in args]
+    ref = convnext_block_reference(*exact)
+    ref_grads = torch.autograd.grad(ref, exact, grad_out.double())
+    assert_rel_close(out, ref, REL_TOL[dtype], "out")
+    for name, g, rg in zip(BLOCK_ARG_NAMES, grads, ref_grads):
+        assert rg.abs().sum() > 0, f"d{name} is zero in the reference; the test would not exercise it"
+        assert_rel_close(g, rg, REL_TOL[dtype], "d" + name)

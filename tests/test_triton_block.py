@@ -7,8 +7,7 @@ import torch
 import fcdm_kernels
 from fcdm.models.fcdm import FCDM
 from fcdm_kernels import dispatch
-from fcdm_kernels.reference import convnext_block_reference
-from tests.numerics import BLOCK_ARG_NAMES, REL_TOL, assert_rel_close, block_args
+from tests.numerics import BLOCK_ARG_NAMES, REL_TOL, assert_block_matches_fp64, assert_rel_close, block_args
 
 triton = pytest.importorskip("triton")
 from fcdm_kernels.triton import launch  # noqa: E402  (needs Triton)
@@ -31,17 +30,8 @@ def triton_block(x, shift, scale, gate, dw_weight, dw_bias, w1, b1, gamma, beta,
     (3, 7, 4, 24, torch.float16),   # fp16 (2e-3 budget); a 7x4 image narrower than the kernel
 ])
 def test_block_matches_fp64_reference(B, H, W, C, dtype, device):
-    args = block_args(B, H, W, C, dtype, device)
     with fcdm_kernels.use_backend("triton"):
-        out = triton_block(*args)
-    grad_out = torch.randn_like(out)
-    grads = torch.autograd.grad(out, args, grad_out)
-    exact = [a.detach().double().requires_grad_() for a in args]
-    ref = convnext_block_reference(*exact)
-    ref_grads = torch.autograd.grad(ref, exact, grad_out.double())
-    assert_rel_close(out, ref, REL_TOL[dtype], "out")
-    for name, g, rg in zip(BLOCK_ARG_NAMES, grads, ref_grads):
-        assert_rel_close(g, rg, REL_TOL[dtype], "d" + name)
+        assert_block_matches_fp64(triton_block, block_args(B, H, W, C, dtype, device), dtype)
 
 
 def test_torch_compile_fullgraph_matches_eager(device):
@@ -128,17 +118,23 @@ def train_losses(model, inputs, backend, steps, lr=1e-3):
 TINY = dict(hidden_size=8, depth=(1, 1, 1, 1, 1), in_channels=4, num_classes=10, class_dropout_prob=0.0)
 
 
-def test_tiny_fcdm_outputs_and_all_parameter_grads_match_fp64(device):
-    # fp32 Triton vs the fp64 torch backend: C = 8, 16, 32 at 8x8, 4x4, 2x2 (the 7x7 halo covers a whole 2x2 image).
-    inputs = model_inputs(3, 8, 4, 10, torch.float32, device)
-    out, grads = outputs_and_grads(random_model(torch.float32, device, **TINY), inputs, "triton")
+def assert_fcdm_matches_fp64(config: dict, B: int, size: int, device) -> None:
+    """An fp32 FCDM on the Triton backend against the same model in fp64 on the torch backend: the output and every
+    parameter's gradient (each of which must be nonzero in the reference)."""
+    inputs = model_inputs(B, size, config["in_channels"], config["num_classes"], torch.float32, device)
     ref_inputs = tuple(i.double() if i.is_floating_point() else i for i in inputs)
-    ref, ref_grads = outputs_and_grads(random_model(torch.float64, device, **TINY), ref_inputs, "torch")
+    ref, ref_grads = outputs_and_grads(random_model(torch.float64, device, **config), ref_inputs, "torch")
+    out, grads = outputs_and_grads(random_model(torch.float32, device, **config), inputs, "triton")
     assert_rel_close(out, ref, REL_TOL[torch.float32], "model output")
     assert grads.keys() == ref_grads.keys()
     for name, g in grads.items():
         assert ref_grads[name].abs().sum() > 0, f"{name} gets no gradient; the test would not exercise it"
         assert_rel_close(g, ref_grads[name], 2 * REL_TOL[torch.float32], name)
+
+
+def test_tiny_fcdm_outputs_and_all_parameter_grads_match_fp64(device):
+    # fp32 Triton vs the fp64 torch backend: C = 8, 16, 32 at 8x8, 4x4, 2x2 (the 7x7 halo covers a whole 2x2 image).
+    assert_fcdm_matches_fp64(TINY, 3, 8, device)
 
 
 def test_tiny_fcdm_training_matches_torch_backend(device):

@@ -3,7 +3,7 @@
 The CPU interpreter runs the kernels' maths but never lowers them, so errors that only the GPU compiler sees (a
 non-constexpr global, an unsupported op, a layout it cannot build) and register spills would first show up on a GPU
 machine. This lowers each kernel, with the tile configs `launch.py` picks on CUDA at each FCDM-XL level of a 256px
-model, to a cubin and prints ptxas's registers and spill stack per kernel.
+model and at FCDM-T's narrowest, to a cubin and prints ptxas's registers and spill stack per kernel.
 
     python -m fcdm_kernels.triton.compile_check [--arch 90] [--dtype bf16] [--fail-on-spill] [--all-candidates]
 
@@ -33,8 +33,9 @@ from . import launch
 # Integer arguments that are multiples of 16 at every FCDM width get Triton's divisibility hint, as a launch would.
 _DIVISIBLE = {"C", "N", "K", "J"}
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# (channels, pixels per image) of the three FCDM-XL levels at 256px (a 32x32 latent).
-XL_LEVELS = ((512, 32 * 32), (1024, 16 * 16), (2048, 8 * 8))
+# (channels, pixels per image) of the three FCDM-XL levels at 256px (a 32x32 latent), then FCDM-T's first level at
+# 128px, whose 32-channel GEMM2 output is narrower than every wide tile.
+LEVELS = ((512, 32 * 32), (1024, 16 * 16), (2048, 8 * 8), (32, 16 * 16))
 _GEMMS = {  # op name in launch.gemm_candidates -> (kernel, pointer dtypes (filled per dtype), extra constexprs)
     "gemm1": (mlp._gemm1_gelu_kernel, ("A", "W1", "B1", "U", "PRE"), ("SS",), dict(SAVE_PRE=True)),
     "gemm2": (mlp._gemm2_grn_gate_kernel, ("U", "W2", "GATE", "X", "OUT", "Z"), ("S", "FBIAS"), dict(SAVE_Z=True)),
@@ -117,7 +118,7 @@ def _describe(constexprs: dict, options: dict) -> str:
     return f"{tile} w{options.get('num_warps', 4)}" + (f"s{options['num_stages']}" if "num_stages" in options else "")
 
 
-def compile_all(arch: int, dtype: str, levels=XL_LEVELS, all_candidates: bool = False,
+def compile_all(arch: int, dtype: str, levels=LEVELS, all_candidates: bool = False,
                 fail_on_spill: bool = False) -> int:
     """Compile each kernel at each level; print one line per launch config and return the number of failures."""
     target = GPUTarget("cuda", arch, 32)
