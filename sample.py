@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from fcdm import FCDM_models, set_backend
+from fcdm.cuda_graph import GraphedForward
 from fcdm.load import CheckpointError, fit_state, read_checkpoint_args, read_model_state
 from fcdm.objectives import OBJECTIVES, build_objective
 from fcdm.sampling import generate, seeded_batch
@@ -84,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-png", action=argparse.BooleanOptionalAction, default=False, help="also write PNGs")
     g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on GPU")
     g.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matmuls on GPU")
+    g.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=False,
+                   help="replay the model forward from CUDA graphs (one launch per step; fcdm.cuda_graph); CUDA only")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bar on rank 0")
     return p
 
@@ -140,6 +143,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--last-step-size must be in [0, 1), got {args.last_step_size}")
     if args.vae_scaling_factor <= 0:
         parser.error(f"--vae-scaling-factor must be > 0, got {args.vae_scaling_factor}")
+    if args.cuda_graph and not torch.cuda.is_available():
+        parser.error("--cuda-graph needs a CUDA device, and none is available")
     if not os.path.isfile(args.ckpt):
         parser.error(f"--ckpt {args.ckpt!r} does not exist or is not a file")
     args.ckpt = os.path.abspath(args.ckpt)
@@ -317,6 +322,7 @@ def run(args, rank: int, world: int, device: torch.device) -> None:
         fail(str(err))
     del state
     model.to(device).eval()
+    net = GraphedForward(model) if args.cuda_graph else model
     if which == "ema":
         source = "its EMA weights ('ema')"
     else:
@@ -360,7 +366,7 @@ def run(args, rank: int, world: int, device: torch.device) -> None:
         indices = batches[k]
         y, noise, generators = seeded_batch(indices.tolist(), args.global_seed, args.num_classes, shape, device,
                                             balanced_labels=args.labels == "balanced")
-        x = generate(model, objective, y, shape, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
+        x = generate(net, objective, y, shape, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
                      guide_all_channels=args.guide_all_channels, guidance_interval=args.guidance_interval,
                      noise=noise, generator=generators, autocast_dtype=autocast, stats=stats, **options)
         if vae is not None:

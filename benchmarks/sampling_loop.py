@@ -1,9 +1,10 @@
 """The sampling loop the model benchmark times: DDPM with classifier-free guidance, optionally CUDA-graphed.
 
 The denoiser runs the conditional and unconditional halves as one doubled-batch forward and guides all eps channels.
-With `cuda_graph=True` that forward is captured once into a CUDA graph on static buffers and replayed each step, which
-removes the CPU cost of launching every kernel of the step. The chain is fcdm.diffusion's DiT-compatible
-`p_sample_loop` (learned-range variance) when that package is present, else a minimal local DDPM loop.
+With `cuda_graph=True` that forward is captured once into a CUDA graph (fcdm.cuda_graph, as `sample.py --cuda-graph`)
+and replayed each step, which removes the CPU cost of launching every kernel of the step. The chain is
+fcdm.diffusion's DiT-compatible `p_sample_loop` (learned-range variance) when that package is present, else a minimal
+local DDPM loop.
 """
 from __future__ import annotations
 
@@ -13,54 +14,36 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from fcdm.cuda_graph import GraphedForward
+
 SAMPLE_STEPS = 250
 NULL_LABEL = 1000  # the extra row of ImageNet's label table used for the unconditional half
 
 
 def _autocast(device: torch.device, precision: str):
-    # The autocast weight cache must stay off while a CUDA graph is captured; without grad it saves nothing anyway.
+    # No autocast weight cache: sampling never reuses a cast across calls, and graphs must not read cached casts.
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16", cache_enabled=False)
 
 
 class CFGDenoiser:
     """Classifier-free guidance around a network: one doubled-batch forward, guidance on all eps channels.
 
-    With `cuda_graph=True` the network forward is captured once into a CUDA graph on static buffers and replayed."""
+    With `cuda_graph=True` the network forward is fcdm.cuda_graph.GraphedForward, the graphs `sample.py --cuda-graph`
+    uses: captured on the first call and replayed after."""
 
-    def __init__(self, net: nn.Module, batch: int, latent: int, cfg_scale: float, device, precision: str,
-                 cuda_graph: bool):
-        self.net, self.cfg_scale, self.device, self.precision = net, cfg_scale, device, precision
-        self.graph = None
-        if cuda_graph:
-            self.static_x = torch.zeros(2 * batch, 4, latent, latent, device=device)
-            self.static_t = torch.zeros(2 * batch, dtype=torch.long, device=device)
-            self.static_y = torch.zeros(2 * batch, dtype=torch.long, device=device)
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):  # warm up on a side stream, as torch.cuda.graph requires
-                for _ in range(2):
-                    self._net(self.static_x, self.static_t, self.static_y)
-            torch.cuda.current_stream(device).wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.static_out = self._net(self.static_x, self.static_t, self.static_y)
+    def __init__(self, net: nn.Module, cfg_scale: float, device, precision: str, cuda_graph: bool):
+        self.cfg_scale, self.device, self.precision = cfg_scale, device, precision
+        self.forward = GraphedForward(net, max_graphs=1) if cuda_graph else net
 
     def _net(self, x, t, y):
         with torch.no_grad(), _autocast(self.device, self.precision):
-            return self.net(x, t, y)
+            return self.forward(x, t, y)
 
     def __call__(self, x, t, y):
         # x: (N, 4, h, w) -> (N, 8, h, w): guided eps, conditional variance channels
         null = torch.full_like(y, NULL_LABEL)
         x2, t2, y2 = torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])
-        if self.graph is not None:
-            self.static_x.copy_(x2)
-            self.static_t.copy_(t2)
-            self.static_y.copy_(y2)
-            self.graph.replay()
-            out = self.static_out.float()
-        else:
-            out = self._net(x2, t2, y2).float()
+        out = self._net(x2, t2, y2).float()
         cond, uncond = out.chunk(2)
         eps = uncond[:, :4] + self.cfg_scale * (cond[:, :4] - uncond[:, :4])
         return torch.cat([eps, cond[:, 4:]], dim=1)
@@ -87,7 +70,7 @@ def make_sample_run(model: nn.Module, batch: int, latent: int, device, precision
                     cfg_scale: float, cuda_graph: bool) -> tuple[Callable[[], None], str]:
     """One sampling run of `steps` DDPM steps with CFG; fcdm.diffusion's sampler when it is there."""
     model.eval()
-    denoiser = CFGDenoiser(model, batch, latent, cfg_scale, device, precision, cuda_graph)
+    denoiser = CFGDenoiser(model, cfg_scale, device, precision, cuda_graph)
     gen = torch.Generator(device=device).manual_seed(0)
     y = torch.randint(0, 1000, (batch,), generator=gen, device=device)
     z = torch.randn(batch, 4, latent, latent, generator=gen, device=device)

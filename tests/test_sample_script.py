@@ -122,6 +122,13 @@ def test_bad_flags_give_clear_errors(assets, tmp_path, capsys, extra, message):
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error given without CUDA")
+def test_cuda_graph_without_cuda_is_refused(assets, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sample.parse_args(common_args(assets, tmp_path) + ["--cuda-graph"])
+    assert exit_info.value.code == 2 and "--cuda-graph needs a CUDA device" in capsys.readouterr().err
+
+
 def test_boolean_flags_parse_strictly(assets, tmp_path):
     args = sample.parse_args(common_args(assets, tmp_path) + ["--no-save-png", "--guide-all-channels"])
     assert args.save_png is False and args.guide_all_channels is True and args.sampler == "ddpm"
