@@ -17,7 +17,9 @@ from pathlib import Path
 from . import common
 from .providers import MODES, OPS, PROVIDERS
 
-COLORS = {"nchw": "#9e9e9e", "channels_last": "#616161", "compile": "#1f77b4", "triton": "#d62728", "cuda": "#2ca02c"}
+COLORS = {"nchw": "#9e9e9e", "channels_last": "#616161", "compile": "#1f77b4", "triton": "#d62728", "cuda": "#2ca02c",
+          "triton_composed": "#ff7f0e"}
+OTHER_COLOR = "#8c564b"  # a provider added later must not break the chart
 
 
 def draw(rows: list[dict], out: Path, dtype: str = "bf16") -> Path:
@@ -46,7 +48,7 @@ def draw(rows: list[dict], out: Path, dtype: str = "bf16") -> Path:
                     continue
                 x = j - 0.4 + width * (i + 0.5)
                 err = [[max(r["median_ms"] - r["p20_ms"], 0)], [max(r["p80_ms"] - r["median_ms"], 0)]]
-                ax.bar(x, r["median_ms"], width, color=COLORS[provider], yerr=err, capsize=2,
+                ax.bar(x, r["median_ms"], width, color=COLORS.get(provider, OTHER_COLOR), yerr=err, capsize=2,
                        label=provider if j == 0 or provider not in ax.get_legend_handles_labels()[1] else None)
         for j, case in enumerate(cases):
             floor = next((r.get("floor_ms") for r in in_panel if r["case"] == case and r.get("floor_ms")), None)

@@ -70,20 +70,21 @@ class Unavailable(Exception):
 
 # ----------------------------------------------------------------------------------------------------------- models
 def _fused_backend(device: torch.device) -> str:
-    """The fused backend `auto` would run both block ops on, or raise Unavailable."""
+    """What `auto` runs the blocks on, as a label (e.g. "auto(triton convnext_block op)"), or raise Unavailable."""
     if device.type != "cuda":
         if device.type == "cpu" and dispatch.unavailable_reason("grn_mlp", "triton", device) is None:
             return "triton"  # the Triton interpreter (TRITON_INTERPRET=1): a smoke run of the fused path, not a speed
         raise Unavailable("the fused kernels are timed on CUDA only (TRITON_INTERPRET=1 smoke-runs them on CPU)")
-    chosen = set()
     probe = torch.empty(1, 1, 1, 8, device=device)
     with use_backend("auto"):
-        for op in ("dwconv_ln_modulate", "grn_mlp"):
-            chosen.add(dispatch.resolve(op, probe))
-    if chosen == {"torch"}:
+        # A block runs as one op where grn_mlp's backend has one, else as the two ops on their own backends.
+        mlp = dispatch.resolve("grn_mlp", probe)
+        whole = dispatch.block_implementation("convnext_block", "grn_mlp", probe) is not None
+        conv = dispatch.resolve("dwconv_ln_modulate", probe)
+    if {mlp, conv} == {"torch"}:
         reasons = {b: dispatch.unavailable_reason("grn_mlp", b, device) for b in ("triton", "cuda")}
         raise Unavailable("no fused backend is available: " + "; ".join(f"{b}: {r}" for b, r in reasons.items()))
-    return "auto(" + "+".join(sorted(chosen)) + ")"
+    return f"auto({mlp} convnext_block op)" if whole else f"auto({conv} dwconv_ln_modulate + {mlp} grn_mlp)"
 
 
 def _compile_blocks(model: nn.Module) -> None:

@@ -156,6 +156,14 @@ def test_chart_is_a_png_with_every_panel(ops_results, tmp_path):
         chart.main(["--results-dir", str(ops_results), "--dtype", "bf16"])  # no bf16 rows in this run
 
 
+def test_chart_draws_every_provider_a_gpu_run_times(ops_results, tmp_path):
+    """On a GPU the run also has triton, cuda and triton_composed rows, which the CPU run never times."""
+    rows = [r for r in read_jsonl(ops_results / "ops.jsonl") if r.get("dtype") == "fp32" and r.get("median_ms")]
+    extra = [dict(r, provider=p) for r in rows[:3] for p in ("triton", "cuda", "triton_composed")]
+    out = chart.draw(rows + extra, tmp_path / "gpu.png", dtype="fp32")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_kernel_profile_writes_a_table_per_available_provider(tmp_path, capsys):
     assert kernel_profile.main(["--op", "grn_mlp", "--mode", "backward", "--dtype", "fp32", "--device", "cpu",
                                 "--providers", "channels_last,cuda", "--calls", "1", "--results-dir",
