@@ -164,7 +164,10 @@ def init_distributed() -> tuple[int, int, torch.device]:
     cuda = torch.cuda.is_available()
     if cuda:
         local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local % torch.cuda.device_count())
+        if local >= torch.cuda.device_count():  # NCCL cannot put two ranks of one job on one GPU
+            fail(f"LOCAL_RANK {local} but this node has {torch.cuda.device_count()} visible GPU(s): start at most "
+                 f"that many processes per node (torchrun --nproc_per_node)")
+        torch.cuda.set_device(local)
         device = torch.device("cuda", torch.cuda.current_device())
     else:
         device = torch.device("cpu")

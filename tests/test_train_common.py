@@ -102,6 +102,32 @@ def test_train_state_round_trip_and_rng_capture():
     assert first[0] == second[0] and first[1] == second[1] and torch.equal(first[2], second[2])
 
 
+def test_cuda_rng_is_this_devices_only_and_old_lists_still_load(monkeypatch):
+    """A checkpoint holds the CUDA RNG of this rank's device, so resuming with fewer visible GPUs cannot index past
+    them; a per-device list (early checkpoints) restores the current device's entry, or nothing if it has none."""
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: torch.tensor([7], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s: restored.append(s.tolist()))
+    saved = capture_rng()
+    assert saved["cuda"].tolist() == [7]
+    restore_rng(saved)
+    restore_rng(dict(saved, cuda=[torch.tensor([1], dtype=torch.uint8), torch.tensor([2], dtype=torch.uint8)]))
+    restore_rng(dict(saved, cuda=[torch.tensor([1], dtype=torch.uint8)]))  # device 1 absent: left alone
+    assert restored == [[7], [2]]
+
+
+def test_more_processes_than_gpus_on_a_node_is_refused(monkeypatch):
+    from fcdm.train import distributed
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    with pytest.raises(ValueError, match="LOCAL_RANK 3 but this node has 2 visible GPU"):
+        distributed.init("auto")
+
+
 def test_guard_counts_and_stops_after_consecutive_skips():
     state = TrainState()
     assert check_step(state, 1.0, 2.0, max_consecutive=3)

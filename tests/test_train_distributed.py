@@ -47,12 +47,21 @@ def test_two_process_ddp_equals_one_process(tmp_path, single_process):
 
 
 def test_two_process_fsdp2_trains_and_saves_full_weights(tmp_path, single_process):
-    ckpt, metrics, out = _torchrun(tmp_path, "--fsdp")
+    # A sample grid after step 2 runs the sharded EMA forward mid-run; its updates in steps 3 and 4 must still work.
+    ckpt, metrics, out = _torchrun(tmp_path, "--fsdp", "--sample-every", "2")
     assert "FSDP2" in out
     # A full (unsharded) state dict with plain keys: loads into an unwrapped model, as sample.py does.
     reference, ref_metrics = single_process
     assert ckpt["model"].keys() == reference["model"].keys()
     _assert_same_training(ckpt, metrics, reference, ref_metrics)
+
+
+def test_two_process_fsdp2_with_gradient_accumulation_equals_one_process(tmp_path):
+    # Two micro-batches per step (4 images each over all ranks): FSDP2 reduce-scatters once, after the second.
+    _, run_dir = run_train(tmp_path / "single", *SAME, "--grad-accum", "2")
+    ckpt, metrics, out = _torchrun(tmp_path / "fsdp", "--fsdp", "--grad-accum", "2")
+    assert "2 x 2 x 2" in out
+    _assert_same_training(ckpt, metrics, final_checkpoint(run_dir), read_metrics(run_dir))
 
 
 def test_global_batch_that_does_not_split_is_refused_with_advice(tmp_path, monkeypatch):

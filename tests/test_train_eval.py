@@ -93,3 +93,52 @@ def test_fid_ref_evaluator_runs_end_to_end_with_a_random_inception(tmp_path, mon
     assert len(fids) == 2 and all(np.isfinite(f) and f >= 0 for f in fids)
     assert state.best_metric == min(fids)
     assert os.path.isfile(os.path.join(run_dir, "checkpoints", "best.pt"))
+
+
+def test_fid_split_over_processes_equals_one_process(tmp_path, monkeypatch):
+    """Each of 3 processes generates every third chunk; the gathered features, put back in chunk order, give the
+    same FID as one process generating everything (chunk k's labels and noise depend on k alone)."""
+    import argparse
+
+    from fcdm.eval.fid_hook import InTrainingFID
+    from fcdm.eval.npz import save_batch
+    from fcdm.models import FCDM_models
+    from fcdm.objectives import build_objective
+    from fcdm.train import distributed, evaluation
+
+    from .test_eval_cli import PixelProjection
+
+    cpu = torch.device("cpu")
+    save_batch(str(tmp_path / "ref.npz"), np.random.default_rng(0).integers(0, 256, (10, 8, 8, 3), dtype=np.uint8))
+    evaluator = evaluation.InceptionFID.__new__(evaluation.InceptionFID)  # the real one loads Inception weights
+    evaluator.args = argparse.Namespace(num_classes=5, global_seed=3, in_channels=3, input_size=8, sampler="ddpm",
+                                        num_sampling_steps=2, cfg_scale=1.0, vae_scaling_factor=1.0, fsdp=False)
+    evaluator.objective, evaluator.device, evaluator.vae, evaluator.amp = build_objective("ddpm"), cpu, None, None
+    evaluator.fid = InTrainingFID(tmp_path / "ref.npz", num_images=10, batch_size=3, extractor=PixelProjection(8, 8))
+    torch.manual_seed(0)
+    model = FCDM_models["FCDM-T"](in_channels=3, num_classes=5).eval()
+    for p in model.parameters():
+        p.data.normal_(0, 0.05)
+    single = evaluator(model)["fid"]
+
+    class Gathered(Exception):
+        pass
+
+    local = {}
+
+    def stop_at_gather(rank):
+        def gather(features):
+            local[rank] = features
+            raise Gathered
+        return gather
+
+    for rank in range(3):  # each rank's share, stopped at the gather
+        monkeypatch.setattr(distributed, "info", lambda r=rank: distributed.DistInfo(r, 3, r, cpu))
+        monkeypatch.setattr(distributed, "all_gather_object", stop_at_gather(rank))
+        with pytest.raises(Gathered):
+            evaluator(model)
+    assert [len(local[r]) for r in range(3)] == [3 + 1, 3, 3]  # chunks (0, 3), (1), (2) of sizes 3, 3, 3, 1
+    monkeypatch.setattr(distributed, "info", lambda: distributed.DistInfo(1, 3, 1, cpu))
+    monkeypatch.setattr(distributed, "all_gather_object", lambda obj: [local[0], obj, local[2]])
+    split = evaluator(model)["fid"]
+    assert np.isfinite(single) and split == pytest.approx(single, rel=1e-9)

@@ -1,6 +1,7 @@
 """In-training FID: generate N images with a callback, compare their Inception pool features to a reference .npz.
 
-The trainer builds one `InTrainingFID` and calls it every `--eval-every` steps on one process (rank 0):
+The trainer builds one `InTrainingFID` and calls it every `--eval-every` steps; with several processes each one
+generates its share of the chunks (`chunks`, `chunk_features`) and the features are gathered for `distance`:
 
     fid_eval = InTrainingFID("VIRTUAL_imagenet256_labeled.npz", num_images=10_000, batch_size=125)
     fid = fid_eval(lambda n: sample_uint8_nhwc(ema_model, n))   # -> float
@@ -66,24 +67,36 @@ class InTrainingFID:
             self._reference = stats
         return self._reference
 
-    def generated_features(self, generate_fn: GenerateFn) -> np.ndarray:
-        """Pool features of `num_images` images from `generate_fn(n) -> uint8 (n, H, W, 3)`. (num_images, 2048)"""
+    def chunks(self) -> list[tuple[int, int]]:
+        """(first image index, count) of each generation call: num_images in batch_size pieces."""
+        return [(start, min(self.batch_size, self.num_images - start))
+                for start in range(0, self.num_images, self.batch_size)]
+
+    def chunk_features(self, chunks, generate_fn: Callable[[int, int], "np.ndarray | torch.Tensor"]) -> np.ndarray:
+        """Pool features of the images `generate_fn(start, count) -> uint8 (count, H, W, 3)` makes for each chunk,
+        in order: a process's share of a split evaluation. (sum of counts, 2048)"""
         pools = []
-        remaining = self.num_images
-        while remaining > 0:
-            count = min(self.batch_size, remaining)
-            images = generate_fn(count)
+        for start, count in chunks:
+            images = generate_fn(start, count)
             if tuple(images.shape[:1]) != (count,):
                 raise ValueError(f"generate_fn({count}) returned {tuple(images.shape)}: expected {count} images of "
                                  f"shape (H, W, 3), dtype uint8")
             pools.append(self.extractor(images)[0].cpu().numpy())
-            remaining -= count
-        return np.concatenate(pools)
+        return np.concatenate(pools) if pools else np.zeros((0, 2048), dtype=np.float32)
 
-    def __call__(self, generate_fn: GenerateFn) -> float:
+    def generated_features(self, generate_fn: GenerateFn) -> np.ndarray:
+        """Pool features of `num_images` images from `generate_fn(n) -> uint8 (n, H, W, 3)`. (num_images, 2048)"""
+        return self.chunk_features(self.chunks(), lambda start, count: generate_fn(count))
+
+    def distance(self, features: np.ndarray) -> float:
+        """FID of generated pool features (num_images, D) against the reference statistics."""
         reference = self.reference
-        sample = feature_statistics(self.generated_features(generate_fn))
+        sample = feature_statistics(features)
         if sample.mu.shape != reference.mu.shape:
             raise ValueError(f"{self.name}: mu has dimension {reference.mu.shape[0]}, the Inception pool features "
                              f"{sample.mu.shape[0]}")
         return frechet_distance(sample.mu, sample.sigma, reference.mu, reference.sigma, method=self.fid_method)
+
+    def __call__(self, generate_fn: GenerateFn) -> float:
+        self.reference  # a broken reference file fails before any image is generated
+        return self.distance(self.generated_features(generate_fn))

@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--fsdp", action="store_true", help="shard with FSDP2 fully_shard instead of DDP")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    g.add_argument("--dist-timeout-minutes", type=pos(float), default=30.0,
+                   help="how long a process waits in a collective (e.g. while rank 0 writes a checkpoint) before "
+                        "the job is aborted; NCCL's own default is 10")
     g.add_argument("--max-consecutive-skips", type=pos(int), default=10,
                    help="stop after this many consecutive non-finite steps")
 

@@ -6,6 +6,7 @@ on CUDA, gloo on CPU.
 """
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 from dataclasses import dataclass
@@ -37,8 +38,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init(device: str = "auto", require_group: bool = False) -> DistInfo:
-    """Join the torchrun job if there is one; pick the device ('auto' = this rank's GPU if any, else CPU)."""
+def init(device: str = "auto", require_group: bool = False, timeout_minutes: float = 30.0) -> DistInfo:
+    """Join the torchrun job if there is one; pick the device ('auto' = this rank's GPU if any, else CPU).
+    `timeout_minutes` bounds how long a collective waits for a slow rank before the job aborts."""
     global _info
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -49,7 +51,10 @@ def init(device: str = "auto", require_group: bool = False) -> DistInfo:
     if use_cuda and not torch.cuda.is_available():
         raise ValueError("--device cuda was requested but no CUDA GPU is visible")
     if use_cuda:
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        if local_rank >= torch.cuda.device_count():  # NCCL cannot put two ranks of one job on one GPU
+            raise ValueError(f"LOCAL_RANK {local_rank} but this node has {torch.cuda.device_count()} visible GPU(s): "
+                             f"start at most that many processes per node (torchrun --nproc_per_node)")
+        torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", torch.cuda.current_device())
     else:
         dev = torch.device("cpu")
@@ -58,7 +63,8 @@ def init(device: str = "auto", require_group: bool = False) -> DistInfo:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
         dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size,
-                                device_id=dev if use_cuda else None)
+                                device_id=dev if use_cuda else None,
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
     _info = DistInfo(rank, world_size, local_rank, dev)
     return _info
 

@@ -8,15 +8,22 @@ from __future__ import annotations
 
 import torch
 
+from . import distributed
 from .samples import decode, to_uint8_nhwc
 
 
 class InceptionFID:
     """FID of EMA samples against the pool statistics of an ADM reference .npz (arr_0 images or mu/sigma):
-    fcdm.eval's InTrainingFID, fed by a sampler of the EMA model."""
+    fcdm.eval's InTrainingFID, fed by a sampler of the EMA model.
+
+    Called on every process. Without FSDP each process generates every world_size-th chunk of images and the pool
+    features are gathered, so an evaluation takes 1/world_size of the time and no process idles in a collective.
+    Under FSDP the sharded EMA needs every process in every forward, so all of them generate all chunks. Chunk k's
+    labels and noise come from k alone, so the score does not depend on the number of processes."""
 
     metric = "fid"
     lower_is_better = True
+    runs_on_every_rank = True
 
     def __init__(self, args, objective, device, vae, autocast_dtype, batch_size: int = 64):
         from fcdm.eval.features import InceptionFeatureExtractor
@@ -29,19 +36,30 @@ class InceptionFID:
 
     @torch.no_grad()
     def __call__(self, model) -> dict:
+        import numpy as np
+
         from fcdm.sampling import generate
         a = self.args
-        gen = torch.Generator(self.device).manual_seed(a.global_seed + 54321)
-        labels = iter((torch.arange(a.eval_samples, device=self.device) % a.num_classes).split(self.fid.batch_size))
+        info = distributed.info()
+        chunks = self.fid.chunks()
+        split = info.world_size > 1 and not a.fsdp
+        mine = chunks[info.rank::info.world_size] if split else chunks
 
-        def generate_uint8(count: int) -> torch.Tensor:
-            y = next(labels)  # InTrainingFID asks for the same chunk sizes as the split
+        def generate_uint8(start: int, count: int) -> torch.Tensor:
+            y = torch.arange(start, start + count, device=self.device) % a.num_classes
+            gen = torch.Generator(self.device).manual_seed(a.global_seed + 54321 + start)
             x = generate(model, self.objective, y, shape=(a.in_channels, a.input_size, a.input_size),
                          sampler=a.sampler, steps=a.num_sampling_steps, cfg_scale=a.cfg_scale, generator=gen,
                          autocast_dtype=self.amp)
             return to_uint8_nhwc(decode(x, self.vae, a.vae_scaling_factor)).cpu()
 
-        return {"fid": float(self.fid(generate_uint8))}
+        features = self.fid.chunk_features(mine, generate_uint8)
+        if split:  # back into chunk order: rank r holds chunks r, r + W, r + 2W, ...
+            parts = distributed.all_gather_object(features)
+            sizes = [[count for _, count in chunks[r::info.world_size]] for r in range(info.world_size)]
+            pieces = [np.split(part, np.cumsum(size)[:-1]) if size else [] for part, size in zip(parts, sizes)]
+            features = np.concatenate([pieces[k % info.world_size][k // info.world_size] for k in range(len(chunks))])
+        return {"fid": float(self.fid.distance(features))}
 
 
 def build_evaluator(args, objective, device, vae, autocast_dtype, log=print):

@@ -142,7 +142,7 @@ def restore(ckpt: dict, model, ema, opt, state: TrainState, args, info, log) -> 
 
 def train(args) -> TrainState:
     """Train as configured by fcdm.train.config.parse_args; returns the final TrainState."""
-    info = distributed.init(args.device, require_group=args.fsdp)
+    info = distributed.init(args.device, require_group=args.fsdp, timeout_minutes=args.dist_timeout_minutes)
     if args.global_batch_size % (info.world_size * args.grad_accum):
         raise ValueError(f"--global-batch-size {args.global_batch_size} does not split evenly over {info.world_size} "
                          f"processes x --grad-accum {args.grad_accum}; use a multiple of "
@@ -221,9 +221,16 @@ def train(args) -> TrainState:
         distributed.barrier()
         return path
 
+    def reshard_ema() -> None:
+        # FSDP2 leaves a root module unsharded after a forward, expecting a backward to follow; the EMA has none, and
+        # its next update would then meet full tensors where the model has shards.
+        if args.fsdp:
+            ema.module.reshard()
+
     def write_samples() -> None:
         if info.is_main or args.fsdp:  # FSDP's sharded EMA needs every rank in the forward
             grid = sample_grid(ema.module, objective, args, device, vae, autocast_dtype=amp_dtype)
+            reshard_ema()
             if info.is_main:
                 path = os.path.join(run_dir, "samples", f"{state.step:07d}.png")
                 save_png(grid, path)
@@ -231,7 +238,11 @@ def train(args) -> TrainState:
         distributed.barrier()
 
     def evaluate() -> None:
-        metrics = evaluator(ema.module) if (info.is_main or args.fsdp) else {}
+        # An evaluator that splits its work over the processes runs on all of them; others run once, on rank 0
+        # (all ranks under FSDP, whose sharded EMA needs every process in each forward).
+        every_rank = args.fsdp or getattr(evaluator, "runs_on_every_rank", False)
+        metrics = evaluator(ema.module) if (info.is_main or every_rank) else {}
+        reshard_ema()
         metrics = distributed.broadcast_object(metrics)
         log.info("eval: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         log.metrics(state.step, {f"eval/{k}": v for k, v in metrics.items()})
@@ -271,6 +282,8 @@ def train(args) -> TrainState:
                 drop = torch.rand(micro_batch * info.world_size, generator=gen, device=device)[rank_slice]
                 y = torch.where(drop < args.class_dropout_prob, torch.full_like(y, args.num_classes), y)
                 last = micro == args.grad_accum - 1
+                if args.fsdp:  # FSDP2's no_sync: accumulate unsharded, reduce-scatter once after the last micro-batch
+                    model.set_requires_gradient_sync(last)
                 no_sync = wrapped.no_sync() if (not last and hasattr(wrapped, "no_sync")) else contextlib.nullcontext()
                 with no_sync:
                     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
