@@ -12,6 +12,9 @@ op's fake kernel, which allocates and saves exactly what the GPU kernels do.
 What a trace cannot see, and a GPU run adds on top: the CUDA context, cuBLAS/cuDNN workspaces, the caching
 allocator's rounding and fragmentation, and Triton's autotuning scratch. `max_memory_allocated` on the GPU excludes
 the context and workspaces that live outside the allocator, so it should land at or slightly above this prediction.
+
+The same trace counts the bytes that the step's glue copies write (dtype casts, layout copies, concatenations,
+pixel shuffles): memory traffic outside the kernels, which bounds what fusing the glue could save.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fcdm.models import FCDM_models
 from fcdm_kernels import dispatch
@@ -60,9 +64,41 @@ def _mem_tracker():
     return MemTracker()
 
 
+class CopyTraffic(TorchDispatchMode):
+    """Bytes written by the glue copies of the ops run under it, by kind: dtype casts (autocast's weight casts and
+    the fp32 gradients they return), layout copies (clone, contiguous, same-dtype copies), concatenations and pixel
+    (un)shuffles. Each is read about as much as it is written, so 2x this is its memory traffic."""
+
+    KINDS = ("casts", "layout", "concat", "shuffle")
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = dict.fromkeys(self.KINDS, 0)
+
+    def _kind(self, func, args, out):
+        aten = torch.ops.aten
+        if func in (aten.cat.default, aten.cat.out):
+            return "concat"
+        if func in (aten.pixel_shuffle.default, aten.pixel_unshuffle.default):
+            return "shuffle"
+        if func in (aten._to_copy.default, aten.copy_.default, aten.clone.default):
+            source = args[1] if func is aten.copy_.default else args[0]
+            return "casts" if source.dtype != out.dtype else "layout"
+        return None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor):
+            kind = self._kind(func, args, out)
+            if kind is not None:
+                self.bytes[kind] += out.numel() * out.element_size()
+        return out
+
+
 def predict_train_step(variant: str, model_name: str, batch: int, res: int, grad_checkpointing: bool = False,
-                       precision: str = "bf16") -> dict:
-    """Peak bytes of one steady-state training step, by role, plus 'total' (all in bytes)."""
+                       precision: str = "bf16", copies: dict | None = None) -> dict:
+    """Peak bytes of one steady-state training step, by role, plus 'total' (all in bytes). If `copies` is a dict,
+    it receives the bytes the step's glue copies write, by CopyTraffic kind."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     if variant not in VARIANTS:
@@ -83,11 +119,15 @@ def predict_train_step(variant: str, model_name: str, batch: int, res: int, grad
         step = make_train_step(built.model, batch, res // 8, cpu, precision, fused_optimizer=True)
         tracker = _mem_tracker()
         tracker.track_external(built.model, step.optimizer, *step.ema.shadow)
+        traffic = CopyTraffic()
         with tracker, _backend_context(built.backend):
             step()  # the first step creates AdamW's state
             tracker.reset_mod_stats()
-            step()
+            with traffic:
+                step()
         peak = tracker.get_tracker_snapshot("peak")
+    if copies is not None:
+        copies.update(traffic.bytes)
     by_role = next(iter(peak.values()), {})
     out = {name: 0 for name in ROLES.values()}
     for role, nbytes in by_role.items():
@@ -104,9 +144,11 @@ def prediction_row(variant: str, model_name: str, batch: int, res: int, grad_che
     row = dict(env, bench="memory", mode="train", model=model_name, variant=variant, batch=batch, res=res,
                precision="bf16", grad_checkpointing=grad_checkpointing)
     try:
+        copies = {}
         gib = {k: v / 2 ** 30 for k, v in predict_train_step(variant, model_name, batch, res,
-                                                             grad_checkpointing).items()}
-        row.update(status="ok", reason="", predicted_gib=gib.pop("total"), **{f"{k}_gib": v for k, v in gib.items()})
+                                                             grad_checkpointing, copies=copies).items()}
+        row.update(status="ok", reason="", predicted_gib=gib.pop("total"), **{f"{k}_gib": v for k, v in gib.items()},
+                   **{f"copies_{k}_gib": v / 2 ** 30 for k, v in copies.items()})
     except Exception as e:  # one variant that cannot be traced must not lose the others' rows
         row.update(status="n/a", reason=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     return row
@@ -118,7 +160,9 @@ def format_row(r: dict) -> str:
         return f"{head} n/a: {r['reason']}"
     parts = "  ".join(f"{name} {r[f'{name}_gib']:.3g}" for name in ("params", "grads", "adamw", "ema", "activations",
                                                                     "temporaries"))
-    return f"{head} predicted peak {r['predicted_gib']:.4g} GiB = {parts}"
+    copies = "  ".join(f"{kind} {r[f'copies_{kind}_gib']:.3g}" for kind in CopyTraffic.KINDS)
+    return f"{head} predicted peak {r['predicted_gib']:.4g} GiB = {parts}\n{'':44} glue copies written per step " \
+           f"(GiB): {copies}"
 
 
 def build_parser() -> argparse.ArgumentParser:

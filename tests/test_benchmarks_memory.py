@@ -47,6 +47,18 @@ def test_grad_checkpointing_lowers_the_reference_activations():
     assert checkpointed["activations"] < full["activations"]
 
 
+def test_copy_traffic_counts_bytes_written_by_kind():
+    x = torch.randn(2, 8, 4, 4, dtype=torch.bfloat16)
+    with memory.CopyTraffic() as traffic:
+        x.float()                                        # a cast: 256 fp32 values
+        x.clone()                                        # a layout copy: 256 bf16 values
+        x.permute(0, 2, 3, 1).contiguous()               # another
+        torch.cat([x, x])                                # 512 bf16 values
+        torch.nn.functional.pixel_shuffle(x, 2)          # 256 bf16 values
+        x + 1                                            # not a copy
+    assert traffic.bytes == {"casts": 1024, "layout": 1024, "concat": 1024, "shuffle": 512}
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="variant"):
         memory.predict_train_step("fast", "FCDM-T", 2, 64)
@@ -65,6 +77,7 @@ def test_cli_writes_one_row_per_variant(tmp_path, capsys):
         parts = sum(r[f"{k}_gib"] for k in ("params", "buffers", "grads", "adamw", "ema", "activations",
                                             "temporaries"))
         assert r["predicted_gib"] == pytest.approx(parts)
+        assert r["copies_casts_gib"] > 0 and all(r[f"copies_{k}_gib"] >= 0 for k in memory.CopyTraffic.KINDS)
     assert "predicted peak" in capsys.readouterr().out
     for bad in (["--variants", "fast"], ["--res", "100"], ["--batch", "0"]):
         with pytest.raises(SystemExit):
