@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-png", action=argparse.BooleanOptionalAction, default=False, help="also write PNGs")
     g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on GPU")
     g.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matmuls on GPU")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: this process's GPU when there is one, else the CPU")
     g.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=False,
                    help="replay the model forward from CUDA graphs (one launch per step; fcdm.cuda_graph); CUDA only")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bar on rank 0")
@@ -143,8 +145,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--last-step-size must be in [0, 1), got {args.last_step_size}")
     if args.vae_scaling_factor <= 0:
         parser.error(f"--vae-scaling-factor must be > 0, got {args.vae_scaling_factor}")
-    if args.cuda_graph and not torch.cuda.is_available():
-        parser.error("--cuda-graph needs a CUDA device, and none is available")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is visible")
+    if args.cuda_graph and (args.device == "cpu" or not torch.cuda.is_available()):
+        parser.error("--cuda-graph needs a CUDA device, and none is available"
+                     + (" (--device cpu)" if args.device == "cpu" else ""))
     if not os.path.isfile(args.ckpt):
         parser.error(f"--ckpt {args.ckpt!r} does not exist or is not a file")
     args.ckpt = os.path.abspath(args.ckpt)
@@ -157,11 +162,12 @@ def fail(message: str) -> None:
 
 
 # ---- setup ---------------------------------------------------------------------------------------------------
-def init_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world_size, device); torchrun sets WORLD_SIZE, plain python runs one process without a group."""
+def init_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
+    """(rank, world_size, device); torchrun sets WORLD_SIZE, plain python runs one process without a group.
+    device: 'auto' (this rank's GPU if there is one), 'cpu' or 'cuda'."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available() and device != "cpu"
     if cuda:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if local >= torch.cuda.device_count():  # NCCL cannot put two ranks of one job on one GPU
@@ -300,7 +306,7 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 # ---- main ----------------------------------------------------------------------------------------------------
 def main(argv=None) -> None:
     args = parse_args(argv)
-    rank, world, device = init_distributed()
+    rank, world, device = init_distributed(args.device)
     if args.backend is not None:
         set_backend(args.backend)
     if device.type == "cuda":

@@ -170,7 +170,8 @@ def make_train_step(model: nn.Module, batch: int, latent: int, device, precision
     alpha_bar = torch.cumprod(1 - betas, 0)[t].float().view(-1, 1, 1, 1)
     x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise  # the eps-prediction objective's input
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=device.type == "cuda" if fused_optimizer is None else fused_optimizer)
+    fused = device.type == "cuda" if fused_optimizer is None else fused_optimizer
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=fused)
     ema = FP32EMA(params)
     model.train()
 

@@ -32,6 +32,14 @@ def seed_everything():
     yield
 
 
+@pytest.fixture(autouse=True)
+def no_tf32():
+    """Every test starts with TF32 off, even after an in-process train() or sample.py run switched it on."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+
+
 @pytest.fixture
 def device():
     """The device kernel tests run on: CUDA when present, else CPU (Triton interpreter)."""

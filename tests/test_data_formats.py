@@ -102,7 +102,8 @@ def test_npy_official_layout(tmp_path):
 def latent_store(tmp_path_factory, image_folder, tiny_vae):
     out = tmp_path_factory.mktemp("store") / "store"
     extract.main(["--data-path", str(image_folder), "--output", str(out), "--vae", tiny_vae, "--image-size", "16",
-                  "--batch-size", "5", "--shard-size", "4", "--num-workers", "0", "--vae-scaling-factor", "0.5"])
+                  "--batch-size", "5", "--shard-size", "4", "--num-workers", "0", "--vae-scaling-factor", "0.5",
+                  "--device", "cpu"])
     return str(out)
 
 
@@ -159,7 +160,7 @@ def test_extract_under_torchrun_matches_one_process(tmp_path, latent_store, imag
     out = tmp_path / "store2"
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           "-m", "fcdm.data.extract", "--data-path", str(image_folder), "--output", str(out),
-                          "--vae", tiny_vae, "--image-size", "16", "--num-workers", "0"],
+                          "--vae", tiny_vae, "--image-size", "16", "--num-workers", "0", "--device", "cpu"],
                          capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     one, two = LatentStore(latent_store), LatentStore(str(out))

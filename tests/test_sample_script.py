@@ -44,7 +44,8 @@ def assets(tmp_path_factory):
 def common_args(assets, sample_dir):
     return ["--ckpt", str(assets / "ckpt.pt"), "--model", "FCDM-T", "--num-classes", "5", "--image-size", "16",
             "--vae", str(assets / "vae"), "--num-fid-samples", "5", "--per-proc-batch-size", "2", "--steps", "3",
-            "--cfg-scale", "1.5", "--sample-dir", str(sample_dir), "--run-name", "run", "--no-tf32", "--no-progress"]
+            "--cfg-scale", "1.5", "--sample-dir", str(sample_dir), "--run-name", "run", "--no-tf32", "--no-progress",
+            "--device", "cpu"]
 
 
 def test_one_and_two_processes_agree_and_resume(assets, tmp_path, capsys, single_thread):
@@ -95,7 +96,8 @@ def test_flow_objective_in_pixel_space(tmp_path, capsys, single_thread):
     args = ["--ckpt", str(tmp_path / "bare.pt"), "--model", "FCDM-T", "--num-classes", "3", "--in-channels", "3",
             "--image-size", "8", "--vae", "none", "--objective", "flow", "--sampler", "heun", "--steps", "2",
             "--guide-all-channels", "--guidance-interval", "0.5", "1.0", "--labels", "balanced",
-            "--num-fid-samples", "3", "--per-proc-batch-size", "3", "--sample-dir", str(tmp_path), "--no-progress"]
+            "--num-fid-samples", "3", "--per-proc-batch-size", "3", "--sample-dir", str(tmp_path), "--no-progress",
+            "--device", "cpu"]
     sample.main(args)
     out = capsys.readouterr().out
     assert "'bare'" in out and "learn_sigma=False" in out and "4 model evaluations" in out
@@ -122,8 +124,7 @@ def test_bad_flags_give_clear_errors(assets, tmp_path, capsys, extra, message):
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error given without CUDA")
-def test_cuda_graph_without_cuda_is_refused(assets, tmp_path, capsys):
+def test_cuda_graph_without_cuda_is_refused(assets, tmp_path, capsys):  # common_args ask for --device cpu
     with pytest.raises(SystemExit) as exit_info:
         sample.parse_args(common_args(assets, tmp_path) + ["--cuda-graph"])
     assert exit_info.value.code == 2 and "--cuda-graph needs a CUDA device" in capsys.readouterr().err
@@ -180,11 +181,11 @@ def test_model_flags_default_to_the_checkpoints_training_args(tmp_path, capsys, 
                       in_channels=3, objective="ddpm", vae=None, vae_scaling_factor=0.18215)
     torch.save({"model": model.state_dict(), "ema": model.state_dict(), "args": train_args}, tmp_path / "t.pt")
     args = sample.parse_args(["--ckpt", str(tmp_path / "t.pt"), "--num-fid-samples", "2", "--steps", "2",
-                              "--sample-dir", str(tmp_path), "--no-progress"])
+                              "--sample-dir", str(tmp_path), "--no-progress", "--device", "cpu"])
     assert (args.model, args.hidden_size, args.image_size, args.num_classes, args.in_channels, args.vae) == \
         ("FCDM-T", 16, 8, 4, 3, "none")
     sample.main(["--ckpt", str(tmp_path / "t.pt"), "--num-fid-samples", "2", "--per-proc-batch-size", "2",
-                 "--steps", "2", "--sample-dir", str(tmp_path), "--no-progress"])
+                 "--steps", "2", "--sample-dir", str(tmp_path), "--no-progress", "--device", "cpu"])
     with np.load(next(tmp_path.glob("*.npz"))) as f:
         assert f["arr_0"].shape == (2, 8, 8, 3)
     assert sample.parse_args(["--ckpt", str(tmp_path / "t.pt"), "--num-classes", "9"]).num_classes == 9

@@ -21,7 +21,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A 0.05M-parameter FCDM on 8x8 procedural images: every flag that makes a run slow is turned down.
 TINY = ["--hidden-size", "8", "--depth", "1", "1", "1", "1", "1", "--image-size", "8", "--global-batch-size", "4",
         "--dataset-size", "40", "--num-sampling-steps", "2", "--no-final-eval", "--no-progress", "--log-every", "1",
-        "--lr", "1e-3", "--warmup-steps", "2", "--backend", "torch", "--num-workers", "0"]
+        "--lr", "1e-3", "--warmup-steps", "2", "--backend", "torch", "--num-workers", "0", "--device", "cpu"]
 
 
 def tiny_args(results_dir, *extra):

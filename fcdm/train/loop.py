@@ -148,10 +148,11 @@ def train(args) -> TrainState:
                          f"processes x --grad-accum {args.grad_accum}; use a multiple of "
                          f"{info.world_size * args.grad_accum}")
     micro_batch = args.global_batch_size // (info.world_size * args.grad_accum)
-    torch.backends.cuda.matmul.allow_tf32 = True   # TF32 for the fp32 parts on Ampere+; bf16 autocast does the rest
-    torch.backends.cudnn.allow_tf32 = True
     fcdm.set_backend(args.backend)
     device = info.device
+    if device.type == "cuda":  # TF32 for the fp32 parts on Ampere+; bf16 autocast does the rest
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     amp_dtype = torch.bfloat16 if args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda") \
         else None
 

@@ -119,7 +119,8 @@ def gemm_candidates(op: str, n: int, dtype: torch.dtype) -> list[GemmConfig]:
         if dtype == torch.float16:  # fp16's epilogue converts differently: 128 x 64 spills 16 B there, this none
             cands.insert(0, GemmConfig(64, 64, 64, num_warps=8, num_stages=3))
     else:
-        cands = [GemmConfig(128, 128, 64, num_warps=8, num_stages=3), GemmConfig(128, 256, 64, num_warps=8, num_stages=3),
+        cands = [GemmConfig(128, 128, 64, num_warps=8, num_stages=3),
+                 GemmConfig(128, 256, 64, num_warps=8, num_stages=3),
                  GemmConfig(64, 128, 64, num_warps=4, num_stages=4)]
     fitting = [c for c in cands if c.block_n <= max(_pow2(n), 64)]
     # Narrow outputs (N <= 64, e.g. GEMM2 of a C = 32 model) fit none of the wide tiles: one 64-column tile covers them.
