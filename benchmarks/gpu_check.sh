@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# fcdm GPU check, in one device call: install and build, `pytest -m gpu`, the op and model benchmarks at reduced
-# repetitions, a kernel profile of the block, the chart, and the summary table (printed last).
+# fcdm GPU check, in one device call: install and build, `pytest -m "gpu and not slow"`, the op and model benchmarks
+# at reduced repetitions, a kernel profile of the block, the chart, and the summary table (printed last).
 #
 #   bash benchmarks/gpu_check.sh
 #
@@ -57,7 +57,8 @@ if [ "${GPU_CHECK_SKIP_INSTALL:-0}" != 1 ]; then
 fi
 HAS_CUDA=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
 SUITE=$([ "$HAS_CUDA" = 1 ] && echo quick || echo tiny)
-stage pytest_gpu 110 175 env FCDM_TRITON_TUNE=0 "$PY" -m pytest -m gpu -q -p no:cacheprovider
+stage pytest_gpu 110 175 env FCDM_TRITON_TUNE=0 "$PY" -m pytest -m "gpu and not slow" -q -p no:cacheprovider \
+  --durations=15 -rfE
 stage ops 80 125 "$PY" -m benchmarks.ops --quick --results-dir "$RESULTS"
 stage model 140 35 "$PY" -m benchmarks.model --suite "$SUITE" --results-dir "$RESULTS"
 stage profile 30 25 "$PY" -m benchmarks.kernel_profile --op block --mode full --providers channels_last,triton,cuda \

@@ -11,9 +11,16 @@ if not HAS_CUDA:
     # Must be set before any @triton.jit decorator runs, i.e. before test modules import the kernels.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Tests compare fp32 kernels against fp64 at ~1e-6 relative; TF32 would hide real errors behind its own.
-torch.backends.cuda.matmul.allow_tf32 = False
-torch.backends.cudnn.allow_tf32 = False
+# Tests compare fp32 kernels against fp64 at ~1e-6 relative; TF32 would hide real errors behind its own. Likewise
+# cuBLAS may sum split-K partials of bf16/fp16 GEMMs in bf16/fp16 unless told not to (K = B*H*W reaches 65536).
+def _exact_matmuls() -> None:
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+
+
+_exact_matmuls()
 
 
 def pytest_collection_modifyitems(config, items):
@@ -34,9 +41,8 @@ def seed_everything():
 
 @pytest.fixture(autouse=True)
 def no_tf32():
-    """Every test starts with TF32 off, even after an in-process train() or sample.py run switched it on."""
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    """Every test starts with exact matmuls, even after an in-process train() or sample.py run switched TF32 on."""
+    _exact_matmuls()
     yield
 
 

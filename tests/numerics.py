@@ -8,8 +8,8 @@ REL_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 5e-3, torc
 
 
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| computed in fp64; NaN anywhere gives inf so it can never pass."""
-    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    """||out - ref|| / ||ref|| computed in fp64 on out's device; NaN anywhere gives inf so it can never pass."""
+    out, ref = out.detach().double(), ref.detach().double().to(out.device)
     if not torch.isfinite(out).all():
         return float("inf")
     denom = ref.norm().item()

@@ -25,7 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 GRAD_NAMES = ("dx", "dweight", "dbias", "dshift", "dscale")
 
 # (B, H, W, C): every FCDM-XL level at batch 64 plus the 512px level-1 shape, then shapes that break assumptions.
-XL_SHAPES = [(64, 32, 32, 512), (64, 16, 16, 1024), (64, 8, 8, 2048), (16, 64, 64, 512)]
+# Level 2 and 512px are `slow`, outside gpu_check's time box.
+XL_SHAPES = [(64, 32, 32, 512), (64, 8, 8, 2048), pytest.param((64, 16, 16, 1024), marks=pytest.mark.slow),
+             pytest.param((16, 64, 64, 512), marks=pytest.mark.slow)]
 ODD_CASES = [
     ((3, 7, 7, 40), torch.float32),    # C=40: two chunks, the second half empty; 7x7 image smaller than one tile
     ((3, 7, 7, 40), torch.bfloat16),   # 40 = 5 bf16 vectors of 8
@@ -132,7 +134,8 @@ def test_repeatable(backend):
         assert torch.equal(a, b)
 
 
-def test_public_op_dispatches_to_cuda(backend):
+def test_public_op_dispatches_to_cuda(backend, tmp_path, monkeypatch):
+    monkeypatch.setenv("FCDM_AUTOTUNE_CACHE", str(tmp_path / "autotune.json"))  # `auto` times; keep the user's cache
     inputs, grad_h = make_inputs((2, 8, 8, 64), torch.bfloat16)
     with fcdm_kernels.use_backend("cuda"):
         assert dispatch.resolve("dwconv_ln_modulate", inputs[0]) == "cuda"
@@ -228,13 +231,16 @@ print("SANITIZED OK")
 """
 
 
+@pytest.mark.slow  # the sanitizer instruments every kernel of the process: minutes, beyond gpu_check's time box
 @pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
 def test_compute_sanitizer(backend, tool):
     sanitizer = shutil.which("compute-sanitizer") or next(
         (p for p in ("/usr/local/cuda/bin/compute-sanitizer",) if os.path.isfile(p)), None)
     if sanitizer is None:
         pytest.skip("compute-sanitizer is not installed on this machine")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    # Without the caching allocator every buffer is its own allocation, so memcheck sees overruns past its end.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               PYTORCH_NO_CUDA_MEMORY_CACHING="1")
     result = subprocess.run([sanitizer, "--tool", tool, "--error-exitcode", "97", sys.executable, "-c",
                              SANITIZER_SCRIPT], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert result.returncode == 0 and "SANITIZED OK" in result.stdout, (result.stdout + result.stderr)[-8000:]

@@ -109,6 +109,8 @@ def test_bad_inputs_raise_value_error_naming_the_argument(arg, bad, message, dev
 
 # ------------------------------------------------------------------------------------------------ GPU-scale checks
 @pytest.mark.gpu
-@pytest.mark.parametrize("B,H,W,C", [(64, 32, 32, 512), (64, 16, 16, 1024), (64, 8, 8, 2048), (16, 64, 64, 512)])
+@pytest.mark.parametrize("B,H,W,C", [  # beyond level 1, `slow`: the block-op test covers level 3 in gpu_check
+    (64, 32, 32, 512), pytest.param(64, 16, 16, 1024, marks=pytest.mark.slow),
+    pytest.param(64, 8, 8, 2048, marks=pytest.mark.slow), pytest.param(16, 64, 64, 512, marks=pytest.mark.slow)])
 def test_fcdm_xl_shapes_bf16(B, H, W, C):
     check_against_fp64(make_args(B, H, W, C, torch.bfloat16, torch.device("cuda")), torch.device("cuda"))
