@@ -63,8 +63,8 @@ def train_classifier(image_size: int = 32, steps: int = 500, seed: int = 0, cach
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return model.eval()
     log(f"training the demo-quality classifier ({steps} steps, cached at {path})")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # restores the CPU generator afterwards; CUDA's are left untouched
+        torch.random.default_generator.manual_seed(seed)
         model = ShapeClassifier()  # initialised under the seed too, so the weights are a function of the seed
         x, y = _real_images(image_size, 2000, seed=_HELD_OUT_SEED + 1 + seed)
         opt = torch.optim.Adam(model.parameters(), lr=3e-3)

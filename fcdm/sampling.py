@@ -4,7 +4,8 @@
     stats = {}; x = generate(..., stats=stats); stats["nfe"]   # model evaluations per trajectory
 
 Per-sample determinism: `seeded_batch(indices, global_seed, ...)` gives each sample i its own generator seeded with
-global_seed + i; pass the list as `generator` and sample i's result no longer depends on its batch.
+global_seed + i; pass the list as `generator` and sample i's noise no longer depends on its batch (on a GPU, bf16
+kernels may still round differently at another batch size, so images can differ in their last bits).
 """
 from __future__ import annotations
 
@@ -13,16 +14,9 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .diffusion.noise import GeneratorLike, gaussian_noise
+from .diffusion.noise import GeneratorLike, gaussian_noise, module_device
 from .guidance import GuidedDenoiser
 from .objectives import build_objective
-
-
-def _device_of(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except (AttributeError, StopIteration):
-        return torch.device("cpu")
 
 
 @contextlib.contextmanager
@@ -64,7 +58,7 @@ def generate(model, objective, y: torch.Tensor, shape: Sequence[int], sampler: O
                          f"(options: {', '.join(objective.sampler_options)})")
     if len(shape) != 3:
         raise ValueError(f"shape must be (C, H, W), got {tuple(shape)}")
-    device = _device_of(model)
+    device = module_device(model)
     y = torch.as_tensor(y, device=device).long().view(-1)
     if noise is None:
         noise = gaussian_noise((len(y), *shape), generator, device)

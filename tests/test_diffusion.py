@@ -302,3 +302,20 @@ def test_ddpm_objective_interface():
         build_objective("score_sde")
     with pytest.raises(ValueError, match="noise_schedule"):
         build_objective("ddpm", noise_schedule="quadratic")
+
+
+@pytest.mark.parametrize("loop", ["p_sample_loop", "ddim_sample_loop"])
+def test_sampling_without_noise_starts_on_the_models_device(loop):
+    """DiT's interface: `p_sample_loop(model, shape)` draws x_T on the model's device (the meta device stands in for
+    a GPU here), not on the CPU."""
+    class Stub(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1, device="meta"))
+
+        def forward(self, x, t, **kwargs):
+            assert x.device == t.device == self.w.device, (x.device, t.device)
+            return torch.zeros(x.shape[0], 2 * x.shape[1], *x.shape[2:], device=x.device)
+
+    x = getattr(create_diffusion("4"), loop)(Stub(), (2, 4, 8, 8), clip_denoised=False)
+    assert x.device.type == "meta" and x.shape == (2, 4, 8, 8)

@@ -113,6 +113,38 @@ class PixelProjection:
         return types.SimpleNamespace(pool=np.concatenate([self(batch)[0].numpy() for batch in batches]))
 
 
+def test_features_ignore_a_callers_bf16_autocast(tiny_batches, random_inception):
+    """Called from inside a bf16 training step, the extractor still computes in fp32 (else FID moves ~0.4%)."""
+    _, samples, _ = tiny_batches
+    plain = random_inception(samples)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = random_inception(samples)
+    for a, b in zip(plain, inside):
+        assert b.dtype == torch.float32 and torch.equal(a, b)
+
+
+NEW_TF32_API = r"""
+import sys, torch
+from fcdm.eval.features import _no_tf32
+torch.backends.cuda.matmul.fp32_precision = "tf32"   # the newer API: reading the legacy flags now raises
+with _no_tf32():
+    assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+    assert torch.backends.cudnn.conv.fp32_precision == "ieee"
+assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+print("OK")
+"""
+
+
+def test_full_fp32_also_under_the_new_tf32_settings():
+    """A process that set TF32 with `fp32_precision` (torch >= 2.9) cannot read the legacy flags; the extractor
+    switches the new settings instead. In a subprocess: the setting would otherwise stick to later tests."""
+    if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        pytest.skip("this torch has no fp32_precision settings")
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    run = subprocess.run([sys.executable, "-c", NEW_TF32_API], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0 and "OK" in run.stdout, run.stderr[-3000:]
+
+
 @pytest.mark.parametrize("reference", ["images", "precomputed"])
 def test_in_training_fid_hook(tmp_path, reference):
     """Generated images equal to the reference give FID 0; other images do not; generate_fn is called in batches."""

@@ -38,7 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vae", "--hf-model-dir", dest="vae", default="stabilityai/sd-vae-ft-ema",
                    help="diffusers AutoencoderKL directory or hub name")
     p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=32, help="images per GPU per forward")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="images per GPU per forward (each is encoded with its mirror image: the VAE sees twice as many)")
     p.add_argument("--shard-size", type=int, default=4096, help="images per shard file")
     p.add_argument("--vae-scaling-factor", type=float, default=0.18215, help="stored as the store's default scale")
     p.add_argument("--num-workers", type=int, default=4)

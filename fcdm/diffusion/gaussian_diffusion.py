@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .likelihoods import discretized_gaussian_log_likelihood, normal_kl
-from .noise import GeneratorLike, gaussian_noise
+from .noise import GeneratorLike, gaussian_noise, module_device
 
 
 class ModelMeanType(enum.Enum):
@@ -239,9 +239,9 @@ class GaussianDiffusion:
 
     def p_sample_loop(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, model_kwargs=None,
                       device=None, progress=False, generator: GeneratorLike = None) -> torch.Tensor:
-        """Ancestral sampling from x_T = noise through every step of this chain."""
+        """Ancestral sampling from x_T = noise through every step of this chain (on the model's device by default)."""
         return self._loop(lambda x, t: self.p_sample(model, x, t, clip_denoised, denoised_fn, model_kwargs,
-                                                     generator), shape, noise, device, progress)
+                                                     generator), shape, noise, device or module_device(model), progress)
 
     def ddim_sample_loop(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, model_kwargs=None,
                          device=None, progress=False, eta: float = 0.0, generator: GeneratorLike = None):
@@ -249,7 +249,8 @@ class GaussianDiffusion:
         if not 0.0 <= eta:
             raise ValueError(f"eta must be >= 0, got {eta}")
         return self._loop(lambda x, t: self.ddim_sample(model, x, t, clip_denoised, denoised_fn, model_kwargs, eta,
-                                                        generator), shape, noise, device, progress)
+                                                        generator), shape, noise, device or module_device(model),
+                          progress)
 
     # ---- training ---------------------------------------------------------------------------------------------
     def vb_terms_bpd(self, output, x_start, x_t, t, clip_denoised: bool = False) -> torch.Tensor:

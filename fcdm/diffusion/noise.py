@@ -8,6 +8,14 @@ import torch
 GeneratorLike = Union[None, torch.Generator, Sequence[torch.Generator]]
 
 
+def module_device(model) -> torch.device:
+    """The device of a model's first parameter; the CPU for a callable without parameters."""
+    try:
+        return next(model.parameters()).device
+    except (AttributeError, StopIteration):
+        return torch.device("cpu")
+
+
 def gaussian_noise(shape, generator: GeneratorLike, device, dtype=torch.float32) -> torch.Tensor:
     """N(0, I) of `shape` on `device`.
 

@@ -162,7 +162,21 @@ class InceptionActivations:
 @contextmanager
 def _no_tf32():
     """TF32 convolutions (cuDNN's default on Ampere+) would shift FID; the TF reference computes in full fp32."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    except RuntimeError:
+        # The process chose TF32 through the newer fp32_precision settings, after which torch refuses to read the
+        # legacy flags: switch those settings to IEEE instead, and back afterwards.
+        settings = (torch.backends.cuda.matmul, torch.backends.cudnn.conv)
+        saved_precision = [s.fp32_precision for s in settings]
+        for s in settings:
+            s.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            for s, value in zip(settings, saved_precision):
+                s.fp32_precision = value
+        return
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
         yield
@@ -216,7 +230,8 @@ class InceptionFeatureExtractor:
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[3] != 3:
             raise ValueError(f"images must be uint8 (N, H, W, 3), got {images.dtype} {tuple(images.shape)}")
         images = images.to(self.device).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W), the layout the port expects
-        with _no_tf32():
+        # Full fp32 even inside a caller's bf16 autocast region (a training step), as the TF reference computes.
+        with torch.autocast(self.device.type, enabled=False), _no_tf32():
             pool, logits = self.model(images)
         spatial, self._spatial = self._spatial, None
         return pool, spatial, logits
