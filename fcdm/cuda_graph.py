@@ -17,6 +17,8 @@ from typing import Callable
 
 import torch
 
+from fcdm_kernels import dispatch
+
 
 def _require_cuda(device: torch.device) -> None:
     if device.type != "cuda":
@@ -66,7 +68,9 @@ class GraphedForward:
 
     def _signature(self, inputs) -> tuple:
         autocast = (torch.is_autocast_enabled(self.device.type), torch.get_autocast_dtype(self.device.type))
-        return tuple((tuple(a.shape), a.dtype, a.device) for a in inputs) + (autocast, self.model.training)
+        # The fused-op backend too: a graph replays the kernels it recorded, whatever is selected later.
+        return tuple((tuple(a.shape), a.dtype, a.device) for a in inputs) + (autocast, self.model.training,
+                                                                             dispatch.get_backend())
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():

@@ -119,6 +119,8 @@ def unavailable_reason(op: str, backend: str, device: torch.device) -> str | Non
 
 
 def _warn_once(message: str) -> None:
+    if torch.compiler.is_compiling():  # Dynamo cannot trace warnings.warn; eager calls (the first ones) still warn
+        return
     if message not in _warned:
         _warned.add(message)
         warnings.warn(message, RuntimeWarning, stacklevel=4)

@@ -70,8 +70,12 @@ def convnext_block(x, shift, scale, gate, dw_weight, dw_bias, w1, b1, gamma, bet
     check_dwconv_ln_modulate_args(x, dw_weight, dw_bias, shift, scale)
     check_grn_mlp_args(x, x, gate, w1, b1, gamma, beta, w2, b2)
     backend = dispatch.resolve("grn_mlp", x)  # once per block: this runs for every block of every step
-    fused = dispatch.implementation_on("convnext_block", backend)
+    # An explicitly requested backend that has dwconv_ln_modulate but no grn_mlp (cuda) runs its own dwconv, with
+    # grn_mlp on the fallback, rather than the fallback's whole-block op.
+    conv_backend = dispatch.resolve("dwconv_ln_modulate", x) if dispatch.get_backend() not in ("auto", backend) \
+        else backend
+    fused = dispatch.implementation_on("convnext_block", backend) if conv_backend == backend else None
     if fused is not None:
         return fused(x, shift, scale, gate, dw_weight, dw_bias, w1, b1, gamma, beta, w2, b2)
-    h = dispatch.implementation("dwconv_ln_modulate", x)(x, dw_weight, dw_bias, shift, scale, LN_EPS)
+    h = dispatch.implementation_on("dwconv_ln_modulate", conv_backend)(x, dw_weight, dw_bias, shift, scale, LN_EPS)
     return dispatch.implementation_on("grn_mlp", backend)(h, x, gate, w1, b1, gamma, beta, w2, b2)

@@ -13,7 +13,7 @@ from tests.numerics import REL_TOL, assert_rel_close
 
 triton = pytest.importorskip("triton")
 from fcdm_kernels.triton import launch  # noqa: E402  (needs Triton)
-from fcdm_kernels.triton.dwconv_ln_modulate import dwconv_ln_modulate_op  # noqa: E402
+from fcdm_kernels.triton.dwconv_ln_modulate import dwconv_ln_modulate_backward_op, dwconv_ln_modulate_op  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -79,6 +79,9 @@ def test_matches_fp64_reference_with_small_tiles(small_tiles, B, H, W, C, dtype,
 def test_opcheck(device):
     args = make_args(1, 4, 4, 8, torch.float32, device)
     torch.library.opcheck(dwconv_ln_modulate_op, (*args, 1e-6))
+    # The backward op too: its fake kernel must promise the real outputs' strides (inductor checks them).
+    x, weight, bias, _, scale = [a.detach() for a in args]
+    torch.library.opcheck(dwconv_ln_modulate_backward_op, (torch.randn_like(x), x, weight, bias, scale, 1e-6))
 
 
 def test_dispatch_picks_triton(device, tmp_path, monkeypatch):

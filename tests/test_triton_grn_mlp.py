@@ -14,7 +14,7 @@ from tests.numerics import REL_TOL, assert_rel_close
 
 triton = pytest.importorskip("triton")
 from fcdm_kernels.triton import launch  # noqa: E402  (needs Triton)
-from fcdm_kernels.triton.grn_mlp import grn_mlp_op  # noqa: E402
+from fcdm_kernels.triton.grn_mlp import grn_mlp_backward_op, grn_mlp_op  # noqa: E402
 
 GRAD_NAMES = ("dh", "dx", "dgate", "dw1", "db1", "dgamma", "dbeta", "dw2", "db2")
 
@@ -100,6 +100,9 @@ def test_no_grad_forward_skips_saved_activations(device):
 def test_opcheck(device):
     args = make_args(1, 4, 4, 8, torch.float32, device)
     torch.library.opcheck(grn_mlp_op, (*args, True))
+    h, x, gate, w1, b1, gamma, beta, w2, b2 = [a.detach() for a in args]
+    out, pre, z, ss, s = grn_mlp_op(h, x, gate, w1, b1, gamma, beta, w2, b2, True)
+    torch.library.opcheck(grn_mlp_backward_op, (torch.randn_like(out), h, gate, w1, gamma, beta, w2, pre, z, ss, s))
 
 
 def test_dispatch_picks_triton(device):

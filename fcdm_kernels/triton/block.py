@@ -133,7 +133,8 @@ def convnext_block_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
                       gamma: torch.Tensor, beta: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, save: bool
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, pre, ss, s): the block's result and what its backward needs (pre empty unless `save`)."""
-    return convnext_block_forward(x, shift, scale, gate, dw_weight, dw_bias, w1, b1, gamma, beta, w2, b2, save)
+    with launch.on_device(x):
+        return convnext_block_forward(x, shift, scale, gate, dw_weight, dw_bias, w1, b1, gamma, beta, w2, b2, save)
 
 
 @convnext_block_op.register_fake
@@ -152,7 +153,9 @@ def convnext_block_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of (x, shift, scale, gate, dw_weight, dw_bias, w1, b1, gamma, beta, w2, b2) from that of out."""
-    return convnext_block_backward(g, x, shift, scale, gate, dw_weight, dw_bias, w1, gamma, beta, w2, b2, pre, ss, s)
+    with launch.on_device(x):
+        return convnext_block_backward(g, x, shift, scale, gate, dw_weight, dw_bias, w1, gamma, beta, w2, b2, pre,
+                                       ss, s)
 
 
 @convnext_block_backward_op.register_fake

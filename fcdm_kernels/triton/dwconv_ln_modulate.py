@@ -220,7 +220,8 @@ def dwconv_ln_modulate_backward(dh, x, weight, bias, scale, eps: float, residual
     _dwconv_bwd_input_weight_kernel[(g_ptiles, B, triton.cdiv(C, gcfg.block_c))](
         x, dh0, wt, x if residual is None else residual, dx, part_w, H, W, C, g_ptiles,
         HAS_RESIDUAL=residual is not None, BLOCK_P=gcfg.block_p, BLOCK_C=gcfg.block_c, num_warps=gcfg.num_warps)
-    dweight = part_w.sum(0).t().reshape(C, KSIZE, KSIZE)                     # (49, C) -> (C, 7, 7)
+    # (49, C) -> contiguous (C, 7, 7): the strides the fake kernel promises (inductor checks them)
+    dweight = part_w.sum(0).t().contiguous().view(C, KSIZE, KSIZE)
     dbias = part_bias.sum((0, 1))
     dshift = part_shift.sum(1)
     dscale = part_scale.sum(1)
@@ -232,7 +233,8 @@ def dwconv_ln_modulate_backward(dh, x, weight, bias, scale, eps: float, residual
 def dwconv_ln_modulate_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, shift: torch.Tensor,
                           scale: torch.Tensor, eps: float) -> torch.Tensor:
     """h from x, in one pass; the contract of fcdm_kernels.ops.dwconv_ln_modulate."""
-    return dwconv_ln_modulate_forward(x, weight, bias, shift, scale, eps)
+    with launch.on_device(x):
+        return dwconv_ln_modulate_forward(x, weight, bias, shift, scale, eps)
 
 
 @dwconv_ln_modulate_op.register_fake
@@ -245,7 +247,8 @@ def dwconv_ln_modulate_backward_op(
         dh: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dweight, dbias, dshift, dscale) from the gradient of h; only x and the parameters are saved."""
-    return dwconv_ln_modulate_backward(dh, x, weight, bias, scale, eps)
+    with launch.on_device(x):
+        return dwconv_ln_modulate_backward(dh, x, weight, bias, scale, eps)
 
 
 @dwconv_ln_modulate_backward_op.register_fake

@@ -457,7 +457,8 @@ def grn_mlp_op(h: torch.Tensor, x: torch.Tensor, gate: torch.Tensor, w1: torch.T
                gamma: torch.Tensor, beta: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, save: bool
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, pre, z, ss, s): the op's result and what its backward needs (pre and z empty unless `save`)."""
-    return grn_mlp_forward(h, x, gate, w1, b1, gamma, beta, w2, b2, save)
+    with launch.on_device(x):
+        return grn_mlp_forward(h, x, gate, w1, b1, gamma, beta, w2, b2, save)
 
 
 @grn_mlp_op.register_fake
@@ -475,7 +476,8 @@ def grn_mlp_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor]:
     """(dh, dgate, dw1, db1, dgamma, dbeta, dw2, db2) from the gradient of out; dx is g itself (the residual)."""
-    return grn_mlp_backward(g, h, gate, w1, gamma, beta, w2, pre, z, ss, s)
+    with launch.on_device(h):
+        return grn_mlp_backward(g, h, gate, w1, gamma, beta, w2, pre, z, ss, s)
 
 
 @grn_mlp_backward_op.register_fake

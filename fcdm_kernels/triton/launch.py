@@ -10,6 +10,7 @@ are widened to fp32 first, which is exactly what tensor cores compute (bf16 prod
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -18,6 +19,11 @@ import triton
 
 # Set by tests (monkeypatch) to make every output buffer start as NaN, so an unwritten element cannot pass.
 POISON_OUTPUTS = False
+
+
+def on_device(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it t's (as the CUDA extension's DeviceGuard does)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
