@@ -1,7 +1,7 @@
 """Predicted peak memory of a training step, from a fake-tensor trace: no GPU, no real allocation.
 
     python -m benchmarks.memory --model FCDM-XL --batch 64 --res 256
-    python -m benchmarks.memory --suite quick --results-dir DIR      # what gpu_check.sh writes next to its timings
+    python -m benchmarks.memory --suite quick --results-dir DIR      # the goal cases: 256px B=64 and 512px B=16
 
 The step is exactly the one `benchmarks.model` times (bf16 autocast over fp32 master weights, fused AdamW, an fp32
 EMA), built by the same functions, run twice under FakeTensorMode with torch's MemTracker counting every tensor's

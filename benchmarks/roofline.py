@@ -1,8 +1,8 @@
 """Roofline floors for the FCDM block: the device's copy bandwidth and GEMM rate, measured in the same run, and each
-op's ideal bytes and FLOPs (KERNELS.md, "Byte and FLOP budget").
+op's ideal bytes and FLOPs (the byte and FLOP budget of benchmarks/NOTES.md).
 
-An op is a sequence of passes (the kernel plan of KERNELS.md). A pass cannot finish before it has moved its bytes at
-copy bandwidth, nor before its GEMM FLOPs at the measured GEMM rate, so
+An op is a sequence of passes (the kernel plan of docs/kernels.md). A pass cannot finish before it has moved its bytes
+at copy bandwidth, nor before its GEMM FLOPs at the measured GEMM rate, so
 
     floor(op) = sum over passes of max(bytes / bandwidth, gemm_flops / gemm_rate).
 

@@ -1,5 +1,5 @@
 // dwconv_ln_modulate on NHWC tensors: depthwise 7x7 conv (+bias, zero padding 3) -> LayerNorm over C (no affine,
-// fp32 statistics) -> * (1 + scale[b, c]) + shift[b, c]; and its backward (maths: shared/KERNELS.md).
+// fp32 statistics) -> * (1 + scale[b, c]) + shift[b, c]; and its backward (maths: fcdm_kernels/reference.py).
 //
 // The one design decision: a fused block owns a TH x 8 pixel tile across *all* C channels, so LayerNorm never leaves
 // the block. It streams C in chunks of CK channels through shared memory (the input tile with its 3-pixel halo, loaded

@@ -5,7 +5,7 @@ follow the official block's order of operations exactly (star-kwon/FCDM `ConvNeX
 reproduces official checkpoints. With `upcast=True` the maths runs in fp32 (or stays fp64) and the result is cast back,
 which is how tests build a high-precision oracle from low-precision inputs.
 
-The block (KERNELS.md):
+The block (docs/kernels.md):
     h   = LayerNorm_C(dwconv7x7(x) + bdw) * (1 + scale) + shift          -> dwconv_ln_modulate
     u   = GELU(h W1^T + b1);  y = gamma * (u * N(u)) + beta + u           -> grn_mlp (GRN, ConvNeXt-V2 eq. 1-3)
     out = x + gate * (y W2^T + b2)

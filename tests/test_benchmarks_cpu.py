@@ -1,7 +1,7 @@
 """The benchmarks run end to end on CPU (tiny shapes, perf_counter timer) and write well-formed results.
 
 No speed is checked here: CPU timings are smoke values. What is checked is that the benchmark compares like with like
-(every provider computes the same function and gradients), that the roofline budget matches KERNELS.md, that the
+(every provider computes the same function and gradients), that the roofline budget matches the kernel design, that the
 results files, summary and chart are produced and say what they should, and that gpu_check.sh parses.
 """
 from __future__ import annotations
@@ -51,7 +51,7 @@ def ops_results(tmp_path_factory) -> Path:
 # ------------------------------------------------------------------------------------------------------- roofline
 def test_roofline_budget_matches_kernels_md():
     """FCDM-XL level 1, B=64, bf16: K1 moves 134 MB, each GEMM is 103 GFLOP, the forward floor is 0.27-0.32 ms and
-    the backward about 0.8 ms at 2.9 TB/s and 770 TFLOP/s (KERNELS.md's budget table)."""
+    the backward about 0.8 ms at 2.9 TB/s and 770 TFLOP/s (the design's budget, benchmarks/NOTES.md)."""
     case = xl_cases((256,))[0]
     assert (case.batch, case.height, case.channels) == (64, 32, 512)
     k1, k2, k4 = roofline.op_passes("block", "forward", case, torch.bfloat16)

@@ -142,6 +142,8 @@ def test_extract_stores_posterior_of_both_flips(latent_store, image_folder, tiny
 def test_latent_store_trains_and_decodes_grid_with_the_vae(tmp_path, latent_store, tiny_vae):
     state, run_dir = run_train(tmp_path, "--latent-store", latent_store, "--vae", tiny_vae, "--max-train-steps", "2")
     args = final_checkpoint(run_dir)["args"]
+    # The store was extracted with --vae-scaling-factor 0.5; training uses its recorded scale unless told otherwise.
+    assert args["vae_scaling_factor"] == 0.5
     assert state.step == 2 and (args["in_channels"], args["input_size"], args["num_classes"]) == (4, 8, 3)
     assert os.path.isfile(os.path.join(run_dir, "samples", "0000002.png"))
     with pytest.raises(SystemExit):

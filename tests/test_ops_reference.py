@@ -42,7 +42,7 @@ def test_grn_mlp_reference_matches_explicit_formula():
     u = 0.5 * pre * (1 + torch.erf(pre / 2 ** 0.5))
     G = u.pow(2).sum(dim=(1, 2)).sqrt()                     # (B, J)
     N = G / (G.mean(-1, keepdim=True) + 1e-6)
-    s = 1 + gamma * N                                       # GRN as a per-sample scale (KERNELS.md)
+    s = 1 + gamma * N                                       # GRN as a per-sample scale (docs/kernels.md)
     z = (u * s[:, None, None]) @ w2.T + (w2 @ beta + b2)
     expected = x + gate[:, None, None] * z
     assert_rel_close(grn_mlp_reference(h, x, gate, w1, b1, gamma, beta, w2, b2), expected, 1e-12)

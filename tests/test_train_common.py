@@ -138,3 +138,16 @@ def test_guard_counts_and_stops_after_consecutive_skips():
         check_step(state, math.nan, 1.0, 3)
     with pytest.raises(NonFiniteStepError, match="3 consecutive"):
         check_step(state, -math.inf, 1.0, 3)
+
+
+def test_backend_comes_from_the_flag_else_fcdm_backend(tmp_path, monkeypatch):
+    """Without --backend, train.py runs the FCDM_BACKEND backend and records it in the checkpoint."""
+    from fcdm_kernels import dispatch
+    monkeypatch.setattr(dispatch, "_global_backend", None)  # earlier in-process runs set one
+    monkeypatch.setenv("FCDM_BACKEND", "torch")
+    without_flag = [a for a in TINY if a not in ("--backend", "torch")]
+    args = parse_args([*without_flag, "--results-dir", str(tmp_path), "--run-name", "run", "--max-train-steps", "1"])
+    assert args.backend is None
+    train(args)
+    assert final_checkpoint(os.path.join(str(tmp_path), "run"))["args"]["backend"] == "torch"
+    assert dispatch.get_backend() == "torch"

@@ -1,4 +1,4 @@
-"""`python -m fcdm.models [--image-size 32]`: print each config's parameter count and forward GMACs."""
+"""`python -m fcdm.models [--latent-size 32]`: print each config's parameter count and forward GMACs."""
 import argparse
 
 import torch

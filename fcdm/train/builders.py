@@ -6,9 +6,12 @@ import torch
 import fcdm
 from fcdm.data import ImageFolderDataset, LatentStore, NpyFeatureDataset, ProceduralShapes
 
+SD_VAE_SCALE = 0.18215  # the scale of Stable Diffusion's VAE latents, as DiT and the official code use
+
 
 def build_dataset(args):
-    """The training set for args.data_source; sets args.in_channels, args.input_size and args.num_classes."""
+    """The training set for args.data_source; sets args.in_channels, args.input_size, args.num_classes and
+    args.vae_scaling_factor (a latent store's recorded scale unless the flag gave one)."""
     if args.data_source == "procedural":
         dataset = ProceduralShapes(args.image_size, args.dataset_size, seed=args.global_seed)
         channels, size, classes = 3, args.image_size, dataset.num_classes
@@ -21,10 +24,13 @@ def build_dataset(args):
     else:
         dataset = LatentStore(args.latent_store, args.vae_scaling_factor)
         channels, size, classes = dataset.channels, dataset.latent_size, dataset.num_classes
+        args.vae_scaling_factor = dataset.scaling_factor
     if args.in_channels is not None and args.in_channels != channels and args.data_source != "imagefolder_latent":
         raise ValueError(f"--in-channels {args.in_channels} does not match the data, which has {channels} channels")
     if args.num_classes is not None and args.num_classes < classes:
         raise ValueError(f"--num-classes {args.num_classes} is smaller than the data's {classes} classes")
+    if args.vae_scaling_factor is None:
+        args.vae_scaling_factor = SD_VAE_SCALE
     args.in_channels = args.in_channels or channels
     args.input_size = size
     args.num_classes = args.num_classes or classes

@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="diffusers AutoencoderKL (directory or hub name): encodes --data-path on the fly and "
                         "decodes latent sample grids")
     g.add_argument("--vae-name", default=None, help="official flag, only used in the run name")
-    g.add_argument("--vae-scaling-factor", type=pos(float), default=0.18215)
+    g.add_argument("--vae-scaling-factor", type=pos(float), default=None,
+                   help="latent scale; default: a latent store's recorded scale, else 0.18215 (SD-VAE)")
     g.add_argument("--image-size", type=pos(int), default=None, help="pixel size (ImageFolder crop, procedural)")
     g.add_argument("--num-classes", type=pos(int), default=None, help="default: from the data (1000 for .npy)")
     g.add_argument("--in-channels", type=pos(int), default=None, help="default: from the data")
@@ -84,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--objective", choices=OBJECTIVES, default="ddpm",
                    help="ddpm: 1000-step DDPM, learned sigma, hybrid loss (the paper); flow: flow matching")
     g.add_argument("--class-dropout-prob", type=nonneg(float), default=0.1, help="label dropout for CFG")
-    g.add_argument("--backend", choices=BACKENDS, default="auto", help="fused-op backend")
+    g.add_argument("--backend", choices=BACKENDS, default=None,
+                   help="fused-op backend (default: the FCDM_BACKEND environment variable, else auto)")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in the backward")
 
     g = p.add_argument_group("optimisation")

@@ -148,7 +148,9 @@ def train(args) -> TrainState:
                          f"processes x --grad-accum {args.grad_accum}; use a multiple of "
                          f"{info.world_size * args.grad_accum}")
     micro_batch = args.global_batch_size // (info.world_size * args.grad_accum)
-    fcdm.set_backend(args.backend)
+    if args.backend is not None:
+        fcdm.set_backend(args.backend)
+    args.backend = fcdm.get_backend()  # what runs (and what the checkpoint records): flag, FCDM_BACKEND or auto
     device = info.device
     if device.type == "cuda":  # TF32 for the fp32 parts on Ampere+; bf16 autocast does the rest
         torch.backends.cuda.matmul.allow_tf32 = True

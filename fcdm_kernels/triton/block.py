@@ -9,7 +9,7 @@ saves x and pre (2 C + 6 C) plus per-sample vectors, and in its backward
   FLOPs, and neither z nor the (B, C, J) stack of M_b is ever stored. (dW2 = sum_b gate[b] M_b + db2 beta^T: the
   folded bias W2 beta + b2 depends on W2 as well.)
 
-Everything else reuses the kernels of dwconv_ln_modulate.py and grn_mlp.py (maths in ../shared/KERNELS.md).
+Everything else reuses the kernels of dwconv_ln_modulate.py and grn_mlp.py (maths in fcdm_kernels/reference.py).
 Reference: fcdm_kernels.reference.convnext_block_reference.
 """
 from __future__ import annotations

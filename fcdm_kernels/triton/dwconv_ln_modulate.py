@@ -5,7 +5,7 @@ registers before the LayerNorm statistics are taken; the 3-pixel halo is read th
 padding). The backward saves nothing but x: it recomputes h0 and the normalised value in the same one-pass shape, then
 runs a channel-blocked stencil pass for dx (the flipped conv) and the per-tile partial sums of dW, which torch reduces.
 
-Reference: fcdm_kernels.reference.dwconv_ln_modulate_reference (maths and backward in ../shared/KERNELS.md).
+Reference: fcdm_kernels.reference.dwconv_ln_modulate_reference (its autograd gives the backward the kernels implement).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Triton pointwise MLP with GRN folded in: out = x + gate * (GRN(GELU(h W1^T + b1)) W2^T + b2), forward and backward.
 
-Design: GRN is a per-(sample, channel) scale plus a bias, GRN(u) = u * s[b] + beta (KERNELS.md), so no GRN output is
-ever stored. GEMM1's epilogue applies bias + exact GELU, stores u and adds sum_p u^2 into ss[b, j] with one fp32
+Design: GRN is a per-(sample, channel) scale plus a bias, GRN(u) = u * s[b] + beta (docs/kernels.md), so no GRN
+output is ever stored. GEMM1's epilogue applies bias + exact GELU, stores u and adds sum_p u^2 into ss[b, j] with one fp32
 atomic per (tile, sample, column); a tile may straddle samples (B*H*W is tiled flat), so its rows are split by sample.
 A tiny kernel turns ss into s[b, j]. GEMM2 scales its A tile by s[b, k] as it loads it and adds the folded bias
 W2 beta + b2, multiplies by gate[b] and adds the residual in its epilogue.
@@ -12,7 +12,7 @@ epilogue that reduces sum_p dy * u per sample (the GRN backward needs it before 
 that forms du and dpre. dW2, dh and dW1 are torch.matmul (cuBLAS); dz, dgate and the per-sample GRN algebra are two
 small Triton kernels.
 
-Reference: fcdm_kernels.reference.grn_mlp_reference (maths and backward in ../shared/KERNELS.md).
+Reference: fcdm_kernels.reference.grn_mlp_reference (its autograd gives the backward the kernels implement).
 """
 from __future__ import annotations
 
@@ -393,7 +393,7 @@ def grn_mlp_forward(h, x, gate, w1, b1, gamma, beta, w2, b2, save: bool, save_z:
 
 
 def grn_mlp_backward(g, h, gate, w1, gamma, beta, w2, pre, z, ss, s):
-    """Gradients (dh, dgate, dw1, db1, dgamma, dbeta, dw2, db2) from the saved pre, z, ss, s (see KERNELS.md)."""
+    """Gradients (dh, dgate, dw1, db1, dgamma, dbeta, dw2, db2) from the saved pre, z, ss, s (docs/kernels.md)."""
     B, H, W, C = h.shape
     P, M = H * W, B * H * W
     dt = h.dtype
