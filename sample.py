@@ -19,13 +19,13 @@ import zipfile
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from fcdm import FCDM_models, set_backend
 from fcdm.cuda_graph import GraphedForward
 from fcdm.load import CheckpointError, fit_state, read_checkpoint_args, read_model_state
 from fcdm.objectives import OBJECTIVES, build_objective
 from fcdm.sampling import generate, seeded_batch
+from fcdm.train import distributed
 
 SAMPLERS = {name: objective.samplers for name, objective in OBJECTIVES.items()}
 # Settings that change the samples; a run directory may only be resumed with the same values.
@@ -163,28 +163,13 @@ def fail(message: str) -> None:
 
 # ---- setup ---------------------------------------------------------------------------------------------------
 def init_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
-    """(rank, world_size, device); torchrun sets WORLD_SIZE, plain python runs one process without a group.
-    device: 'auto' (this rank's GPU if there is one), 'cpu' or 'cuda'."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    cuda = torch.cuda.is_available() and device != "cpu"
-    if cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        if local >= torch.cuda.device_count():  # NCCL cannot put two ranks of one job on one GPU
-            fail(f"LOCAL_RANK {local} but this node has {torch.cuda.device_count()} visible GPU(s): start at most "
-                 f"that many processes per node (torchrun --nproc_per_node)")
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", torch.cuda.current_device())
-    else:
-        device = torch.device("cpu")
-    if world > 1:
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return rank, world, device
-
-
-def barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
+    """(rank, world_size, device) from the trainer's process setup (torchrun or a single process; device 'auto' is
+    this rank's GPU if there is one), with its errors reported as sample.py errors."""
+    try:
+        info = distributed.init(device)
+    except ValueError as err:
+        fail(str(err))
+    return info.rank, info.world_size, info.device
 
 
 def build_model(args, state: dict) -> torch.nn.Module:
@@ -233,7 +218,7 @@ def run_name(args) -> str:
     return name + f"-{args.labels}-seed-{args.global_seed}"
 
 
-def check_run_config(out_dir: str, args, rank: int, world: int) -> None:
+def check_run_config(out_dir: str, args, rank: int) -> None:
     """Record the run's settings; refuse to resume into a directory made with different ones."""
     path = os.path.join(out_dir, "config.json")
     config = {k: getattr(args, k) for k in RUN_KEYS}
@@ -251,7 +236,7 @@ def check_run_config(out_dir: str, args, rank: int, world: int) -> None:
             with open(path + ".tmp", "w") as f:
                 json.dump(config, f, indent=1)
             os.replace(path + ".tmp", path)
-    barrier(world)
+    distributed.barrier()
     if rank != 0 and not os.path.exists(path):
         raise SystemExit(2)  # rank 0 failed the check and has explained why
 
@@ -314,8 +299,7 @@ def main(argv=None) -> None:
         torch.backends.cudnn.allow_tf32 = args.tf32
     with torch.no_grad():
         run(args, rank, world, device)
-    if world > 1:
-        dist.destroy_process_group()
+    distributed.cleanup()
 
 
 def run(args, rank: int, world: int, device: torch.device) -> None:
@@ -354,10 +338,10 @@ def run(args, rank: int, world: int, device: torch.device) -> None:
         options.pop("eta")
 
     out_dir = os.path.join(args.sample_dir, args.run_name or run_name(args))
-    check_run_config(out_dir, args, rank, world)
+    check_run_config(out_dir, args, rank)
     if args.save_png and rank == 0:
         os.makedirs(os.path.join(out_dir, "png"), exist_ok=True)
-    barrier(world)
+    distributed.barrier()
 
     n, B = args.num_fid_samples, args.per_proc_batch_size
     batches = [np.arange(k * B, min((k + 1) * B, n), dtype=np.int64) for k in range(math.ceil(n / B))]
@@ -394,13 +378,13 @@ def run(args, rank: int, world: int, device: torch.device) -> None:
     if bar is not None:
         bar.close()
 
-    barrier(world)
+    distributed.barrier()
     if rank == 0:
         npz_path = out_dir + ".npz"
         shape_out = merge_shards(out_dir, batches, npz_path)
         print(f"Wrote {npz_path}: arr_0 {shape_out} uint8" + (f"; {stats['nfe']} model evaluations per sample "
               f"({stats['forward_passes']} network passes per batch)" if stats else ""), flush=True)
-    barrier(world)
+    distributed.barrier()
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import chart, kernel_profile, model as model_bench, ops, roofline, sampling_loop, summary
+from benchmarks import chart, kernel_profile, model as model_bench, ops, roofline, summary
 from benchmarks.common import CPU_TIMER, read_jsonl
 from benchmarks.dit_baseline import DIT_CONFIGS, build_dit, dit_macs
 from benchmarks.providers import (ACTIVATIONS_OF_OP, OPS, Runnable, Unavailable, build, find_cases, setup,
@@ -225,20 +225,6 @@ def test_train_step_updates_weights_and_fp32_ema():
         assert shadow.dtype == torch.float32
         expected = before[name] + (1 - ema.decay) * (p.detach() - before[name])
         torch.testing.assert_close(shadow, expected, rtol=1e-6, atol=1e-9)
-
-
-def test_local_ddpm_loop_returns_x0_under_an_oracle_denoiser():
-    """With the exact noise as the prediction (a point-mass data distribution), the chain must end at that point."""
-    x0 = torch.randn(2, 4, 4, 4)
-    alpha_bar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
-
-    def oracle(z, t, y):
-        a = alpha_bar[t].float().view(-1, 1, 1, 1)
-        eps = (z - a.sqrt() * x0) / (1 - a).sqrt()
-        return torch.cat([eps, torch.zeros_like(eps)], dim=1)
-
-    out = sampling_loop.local_ddpm_loop(oracle, torch.randn(2, 4, 4, 4), torch.zeros(2, dtype=torch.long), 7)
-    torch.testing.assert_close(out, x0, rtol=1e-4, atol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------------ DiT baseline

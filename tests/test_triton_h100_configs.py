@@ -29,12 +29,14 @@ SHAPES = [(2, 12, 12, 48, torch.float32), (3, 8, 8, 40, torch.bfloat16)]
 def as_on_h100(monkeypatch, candidate: int) -> None:
     """Choose launch configs as on a CUDA device, with GEMM tuning candidate `candidate` (the last one where an op
     has fewer), while the kernels still run in the interpreter."""
-    pick_default = launch.gemm_candidates
+    def gemm_config(op, m, n, k, pixels, dtype, device, run):
+        candidates = launch.gemm_candidates(op, n, dtype)
+        return candidates[min(candidate, len(candidates) - 1)]
+
     monkeypatch.setattr(launch, "interpreting", lambda device: False)
     # The interpreter multiplies bf16 tl.dot operands wrongly (launch.py), so the dots stay widened to fp32.
     monkeypatch.setattr(launch, "dot_in_fp32", lambda dtype, device: True)
-    monkeypatch.setattr(launch, "gemm_config", lambda op, m, n, k, pixels, dtype, device, run:
-                        pick_default(op, n, dtype)[min(candidate, len(pick_default(op, n, dtype)) - 1)])
+    monkeypatch.setattr(launch, "gemm_config", gemm_config)
     monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
 
 

@@ -163,25 +163,24 @@ class InceptionActivations:
 def _no_tf32():
     """TF32 convolutions (cuDNN's default on Ampere+) would shift FID; the TF reference computes in full fp32."""
     try:
-        saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        legacy = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     except RuntimeError:
-        # The process chose TF32 through the newer fp32_precision settings, after which torch refuses to read the
-        # legacy flags: switch those settings to IEEE instead, and back afterwards.
+        legacy = None  # TF32 was chosen through the newer fp32_precision settings, which forbid reading these flags
+    if legacy is not None:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    else:
         settings = (torch.backends.cuda.matmul, torch.backends.cudnn.conv)
-        saved_precision = [s.fp32_precision for s in settings]
-        for s in settings:
-            s.fp32_precision = "ieee"
-        try:
-            yield
-        finally:
-            for s, value in zip(settings, saved_precision):
-                s.fp32_precision = value
-        return
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        saved = [setting.fp32_precision for setting in settings]
+        for setting in settings:
+            setting.fp32_precision = "ieee"
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+        if legacy is not None:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = legacy
+        else:
+            for setting, value in zip(settings, saved):
+                setting.fp32_precision = value
 
 
 class InceptionFeatureExtractor:
