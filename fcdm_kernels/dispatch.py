@@ -7,7 +7,8 @@ device of the activations, so one model can run on CPU and GPU without changing 
 * `auto` picks a fused backend on CUDA tensors (per-op preference, possibly from a cached measurement) and the
   reference on CPU.
 * An explicitly requested backend that cannot run here (Triton not installed, the CUDA extension not built, CPU
-  tensors without TRITON_INTERPRET=1) falls back along cuda -> triton -> torch with one warning per reason.
+  tensors without TRITON_INTERPRET=1) falls back along cuda -> triton -> torch with one BackendFallbackWarning per
+  reason (the test suite turns it into an error, so a kernel test cannot pass on the reference by accident).
 
 Backend modules register their implementations with `register(op, backend)`. They are imported lazily, on first use,
 so importing fcdm never touches CUDA or compiles anything.
@@ -27,6 +28,12 @@ FALLBACK = {"cuda": "triton", "triton": "torch"}
 
 # Modules that register a backend's implementations when imported.
 _BACKEND_MODULES = {"triton": "fcdm_kernels.triton", "cuda": "fcdm_kernels.cuda"}
+
+
+class BackendFallbackWarning(RuntimeWarning):
+    """A requested backend cannot run here and a slower one runs instead; a class of its own so that warning filters
+    can target it (`warnings.simplefilter("error", BackendFallbackWarning)`, or pytest's filterwarnings)."""
+
 
 _IMPLS: dict[str, dict[str, Callable]] = {}
 _loaded: dict[str, str | None] = {}          # backend -> None if loaded, else the reason it is unavailable
@@ -122,8 +129,9 @@ def _warn_once(message: str) -> None:
     if torch.compiler.is_compiling():  # Dynamo cannot trace warnings.warn; eager calls (the first ones) still warn
         return
     if message not in _warned:
+        # Remembered only once the warning is out: where a filter makes it an error, every call keeps failing.
+        warnings.warn(message, BackendFallbackWarning, stacklevel=4)
         _warned.add(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
 def resolve(op: str, x: torch.Tensor) -> str:

@@ -1,4 +1,8 @@
-"""Test harness: Triton runs under its CPU interpreter when there is no GPU; GPU-only tests skip cleanly there."""
+"""Test harness: Triton runs under its CPU interpreter when there is no GPU; GPU-only tests skip cleanly there.
+
+A backend fallback is an error here (pytest_configure below), so a Triton or CUDA test cannot pass on the torch
+reference; the tests of the fallback itself record the warning explicitly.
+"""
 import os
 import random
 
@@ -8,8 +12,11 @@ import torch
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
+    # Forced, not defaulted: TRITON_INTERPRET=0 inherited from a shell would send every Triton test to the fallback.
     # Must be set before any @triton.jit decorator runs, i.e. before test modules import the kernels.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from fcdm_kernels import dispatch  # noqa: E402  (imports no backend)
 
 # Tests compare fp32 kernels against fp64 at ~1e-6 relative; TF32 would hide real errors behind its own. Likewise
 # cuBLAS may sum split-K partials of bf16/fp16 GEMMs in bf16/fp16 unless told not to (K = B*H*W reaches 65536).
@@ -21,6 +28,12 @@ def _exact_matmuls() -> None:
 
 
 _exact_matmuls()
+
+
+def pytest_configure(config):
+    # Here rather than in pyproject.toml: resolving the class there imports Triton (through torch._dynamo) before
+    # TRITON_INTERPRET is set above, and Triton's own @jit helpers (tl.sum, ...) would then not be interpreted.
+    config.addinivalue_line("filterwarnings", "error::fcdm_kernels.dispatch.BackendFallbackWarning")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -36,6 +49,14 @@ def seed_everything():
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(autouse=True)
+def fallback_warns_in_every_test(monkeypatch):
+    """The dispatcher warns once per reason and process; each test starts unwarned, so that a fallback in any test
+    raises (instead of passing silently because an earlier test already consumed the warning)."""
+    monkeypatch.setattr(dispatch, "_warned", set())
     yield
 
 

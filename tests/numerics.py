@@ -1,6 +1,8 @@
 """Numerical comparison helpers shared by the kernel and model tests."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 # Relative-error budgets against an fp64 oracle (developers' guide): fp32 kernels with TF32 off, and bf16/fp16.
@@ -57,3 +59,34 @@ def assert_block_matches_fp64(block, args: list[torch.Tensor], dtype: torch.dtyp
     for name, g, rg in zip(BLOCK_ARG_NAMES, grads, ref_grads):
         assert rg.abs().sum() > 0, f"d{name} is zero in the reference; the test would not exercise it"
         assert_rel_close(g, rg, REL_TOL[dtype], "d" + name)
+
+
+@contextlib.contextmanager
+def runs_on(backend: str, *ops: str):
+    """Run the body with `backend` requested, and fail unless every op in `ops` was called on that backend at least
+    once: a test of fused kernels must prove they ran, not only that the numbers match (the torch reference matches
+    them too). Yields the per-op call counts. Counts calls through the dispatcher, so it also sees the ops inside a
+    model."""
+    from fcdm_kernels import dispatch, use_backend
+    dispatch._load(backend)  # registers the backend's implementations (the first call would, too)
+    calls = dict.fromkeys(ops, 0)
+    originals = {op: dispatch._IMPLS.get(op, {}).get(backend) for op in ops}
+    missing = [op for op, fn in originals.items() if fn is None]
+    assert not missing, f"the {backend} backend has no implementation of {missing}: {dispatch._loaded.get(backend)}"
+
+    def counted(op, fn):
+        def call(*args):
+            calls[op] += 1
+            return fn(*args)
+        return call
+    for op, fn in originals.items():
+        dispatch._IMPLS[op][backend] = counted(op, fn)
+    try:
+        with use_backend(backend):
+            yield calls
+    finally:
+        for op, fn in originals.items():
+            dispatch._IMPLS[op][backend] = fn
+    never = [op for op, n in calls.items() if n == 0]
+    assert not never, (f"{never} never ran on the {backend} backend (calls {calls}): the test compared another "
+                       f"implementation (a fallback or a composed path) with the reference")

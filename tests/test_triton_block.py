@@ -7,7 +7,7 @@ import torch
 import fcdm_kernels
 from fcdm.models.fcdm import FCDM
 from fcdm_kernels import dispatch
-from tests.numerics import BLOCK_ARG_NAMES, REL_TOL, assert_block_matches_fp64, assert_rel_close, block_args
+from tests.numerics import BLOCK_ARG_NAMES, REL_TOL, assert_block_matches_fp64, assert_rel_close, block_args, runs_on
 
 triton = pytest.importorskip("triton")
 from fcdm_kernels.triton import launch  # noqa: E402  (needs Triton)
@@ -30,7 +30,7 @@ def triton_block(x, shift, scale, gate, dw_weight, dw_bias, w1, b1, gamma, beta,
     (3, 7, 4, 24, torch.float16),   # fp16 (2e-3 budget); a 7x4 image narrower than the kernel
 ])
 def test_block_matches_fp64_reference(B, H, W, C, dtype, device):
-    with fcdm_kernels.use_backend("triton"):
+    with runs_on("triton", "dwconv_ln_modulate", "grn_mlp"):
         assert_block_matches_fp64(triton_block, block_args(B, H, W, C, dtype, device), dtype)
 
 
@@ -38,7 +38,7 @@ def test_torch_compile_fullgraph_matches_eager(device):
     args = block_args(1, 4, 4, 8, torch.float32, device)
     dispatch._load("triton")  # the backend import must happen outside the compiled region
     compiled = torch.compile(triton_block, fullgraph=True, backend="aot_eager")
-    with fcdm_kernels.use_backend("triton"):
+    with runs_on("triton", "dwconv_ln_modulate", "grn_mlp"):
         out = compiled(*args)
         grads = torch.autograd.grad(out.square().sum(), args)
         eager = triton_block(*args)
@@ -124,7 +124,8 @@ def assert_fcdm_matches_fp64(config: dict, B: int, size: int, device) -> None:
     inputs = model_inputs(B, size, config["in_channels"], config["num_classes"], torch.float32, device)
     ref_inputs = tuple(i.double() if i.is_floating_point() else i for i in inputs)
     ref, ref_grads = outputs_and_grads(random_model(torch.float64, device, **config), ref_inputs, "torch")
-    out, grads = outputs_and_grads(random_model(torch.float32, device, **config), inputs, "triton")
+    with runs_on("triton", "convnext_block"):
+        out, grads = outputs_and_grads(random_model(torch.float32, device, **config), inputs, "triton")
     assert_rel_close(out, ref, REL_TOL[torch.float32], "model output")
     assert grads.keys() == ref_grads.keys()
     for name, g in grads.items():
@@ -141,7 +142,8 @@ def test_tiny_fcdm_training_matches_torch_backend(device):
     inputs = model_inputs(2, 8, 4, 10, torch.float32, device)
     fused = random_model(torch.float32, device, **TINY)
     plain = random_model(torch.float32, device, **TINY)
-    fused_losses = train_losses(fused, inputs, "triton", steps=3)
+    with runs_on("triton", "convnext_block"):
+        fused_losses = train_losses(fused, inputs, "triton", steps=3)
     plain_losses = train_losses(plain, inputs, "torch", steps=3)
     assert fused_losses[-1] < fused_losses[0]
     assert_rel_close(fused_losses, plain_losses, 1e-4, "loss curve")
@@ -164,12 +166,14 @@ def test_fcdm_s_outputs_grads_and_20_training_steps_match_reference():
                 p.normal_(0, 0.02)
                 q.copy_(p)
     inputs = model_inputs(8, 32, fused.in_channels, fused.num_classes, torch.float32, cuda)
-    out, grads = outputs_and_grads(fused, inputs, "triton")
+    with runs_on("triton", "convnext_block"):
+        out, grads = outputs_and_grads(fused, inputs, "triton")
     ref, ref_grads = outputs_and_grads(plain, inputs, "torch")
     assert_rel_close(out, ref, 1e-4, "model output")
     for name, g in grads.items():
         assert_rel_close(g, ref_grads[name], 1e-3, name)
-    fused_losses = train_losses(fused, inputs, "triton", steps=20, lr=1e-4)
+    with runs_on("triton", "convnext_block"):
+        fused_losses = train_losses(fused, inputs, "triton", steps=20, lr=1e-4)
     plain_losses = train_losses(plain, inputs, "torch", steps=20, lr=1e-4)
     assert fused_losses[-1] < fused_losses[0]
     assert_rel_close(fused_losses, plain_losses, 1e-3, "loss curve")

@@ -13,7 +13,7 @@ import fcdm_kernels
 from fcdm.models.fcdm import FCDM
 from fcdm_kernels import dispatch
 from fcdm_kernels.reference import convnext_block_reference
-from tests.numerics import REL_TOL, assert_block_matches_fp64, assert_rel_close, block_args
+from tests.numerics import REL_TOL, assert_block_matches_fp64, assert_rel_close, block_args, runs_on
 
 triton = pytest.importorskip("triton")
 from fcdm_kernels.triton import block, launch  # noqa: E402  (needs Triton)
@@ -27,8 +27,7 @@ def poisoned_outputs(monkeypatch):
 
 
 def check_against_fp64(args, dtype):
-    with fcdm_kernels.use_backend("triton"):
-        assert dispatch.block_implementation("convnext_block", "grn_mlp", args[0]) is block.convnext_block
+    with runs_on("triton", "convnext_block"):  # the whole-block op, not the two ops composed
         assert_block_matches_fp64(fcdm_kernels.convnext_block, args, dtype)
 
 
@@ -62,7 +61,7 @@ def test_saves_only_x_pre_and_small_vectors(device):
     B, H, W, C = 2, 8, 8, 8          # B*H*W*C = 1024 values, more than any weight (49 C = 392)
     J, M = 3 * C, B * H * W
     args = block_args(B, H, W, C, torch.float32, device)
-    with fcdm_kernels.use_backend("triton"):
+    with runs_on("triton", "convnext_block"):
         fused, shapes = saved_bytes(fcdm_kernels.convnext_block, args)
 
         def composed(x, shift, scale, gate, dw_weight, dw_bias, w1, b1, gamma, beta, w2, b2):

@@ -10,7 +10,7 @@ import torch
 import fcdm_kernels
 from fcdm_kernels import dispatch
 from fcdm_kernels.reference import grn_mlp_reference
-from tests.numerics import REL_TOL, assert_rel_close
+from tests.numerics import REL_TOL, assert_rel_close, runs_on
 
 triton = pytest.importorskip("triton")
 from fcdm_kernels.triton import launch  # noqa: E402  (needs Triton)
@@ -52,7 +52,7 @@ def make_args(B, H, W, C, dtype, device, zero_channel=False):
 def check_against_fp64(args):
     """Forward and the gradients of all nine inputs vs the reference run in fp64 on the same (rounded) inputs."""
     tol = REL_TOL[args[0].dtype]
-    with fcdm_kernels.use_backend("triton"):
+    with runs_on("triton", "grn_mlp"):
         out = fcdm_kernels.grn_mlp(*args)
     grad_out = torch.randn_like(out)
     grads = torch.autograd.grad(out, args, grad_out)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fcdm_kernels
-from tests.numerics import assert_block_matches_fp64, block_args
+from tests.numerics import assert_block_matches_fp64, block_args, runs_on
 
 triton = pytest.importorskip("triton")
 from fcdm_kernels.triton import launch  # noqa: E402  (needs Triton)
@@ -53,7 +53,8 @@ def test_h100_configs_match_fp64_reference(B, H, W, C, dtype, block, candidate, 
     as_on_h100(monkeypatch, candidate)
     chosen = launch.gemm_candidates("dy_gelu", 3 * C, dtype)
     assert chosen[0].block_m == (64 if dtype == torch.float32 else 128)  # the H100 tiles, not the interpreter's
-    with fcdm_kernels.use_backend("triton"):
+    ops = ("convnext_block",) if block is fcdm_kernels.convnext_block else ("dwconv_ln_modulate", "grn_mlp")
+    with runs_on("triton", *ops):
         assert_block_matches_fp64(block, args, dtype)
 
 
