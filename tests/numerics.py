@@ -45,20 +45,28 @@ def block_args(B, H, W, C, dtype, device, requires_grad=True) -> list[torch.Tens
     return [a.to(device=device, dtype=dtype).requires_grad_(requires_grad) for a in args]
 
 
-def assert_block_matches_fp64(block, args: list[torch.Tensor], dtype: torch.dtype) -> None:
-    """block(*args) and the gradients of all twelve arguments against convnext_block_reference in fp64, each within
-    REL_TOL[dtype]; a reference gradient that is all zero fails, as the check would not exercise it."""
-    from fcdm_kernels.reference import convnext_block_reference
-    out = block(*args)
+def assert_matches_fp64(fn, reference, args: list[torch.Tensor], names, tol: float, label: str = "") -> None:
+    """fn(*args) and the gradients of every argument against `reference` run in fp64 on the same (rounded) inputs,
+    each within tol; a reference gradient that is all zero fails, as the check would not exercise it. `label`
+    prefixes every message (say what the inputs are, so that a failure names its cause)."""
+    prefix = f"{label}: " if label else ""
+    out = fn(*args)
     grad_out = torch.randn_like(out)
     grads = torch.autograd.grad(out, args, grad_out)
     exact = [a.detach().double().requires_grad_() for a in args]
-    ref = convnext_block_reference(*exact)
+    ref = reference(*exact)
     ref_grads = torch.autograd.grad(ref, exact, grad_out.double())
-    assert_rel_close(out, ref, REL_TOL[dtype], "out")
-    for name, g, rg in zip(BLOCK_ARG_NAMES, grads, ref_grads):
-        assert rg.abs().sum() > 0, f"d{name} is zero in the reference; the test would not exercise it"
-        assert_rel_close(g, rg, REL_TOL[dtype], "d" + name)
+    assert_rel_close(out, ref, tol, prefix + "out")
+    for name, g, rg in zip(names, grads, ref_grads):
+        assert rg.abs().sum() > 0, f"{prefix}d{name} is zero in the reference; the test would not exercise it"
+        assert_rel_close(g, rg, tol, prefix + "d" + name)
+
+
+def assert_block_matches_fp64(block, args: list[torch.Tensor], dtype: torch.dtype, label: str = "") -> None:
+    """block(*args) and the gradients of all twelve arguments against convnext_block_reference in fp64, each within
+    REL_TOL[dtype]."""
+    from fcdm_kernels.reference import convnext_block_reference
+    assert_matches_fp64(block, convnext_block_reference, args, BLOCK_ARG_NAMES, REL_TOL[dtype], label)
 
 
 @contextlib.contextmanager
