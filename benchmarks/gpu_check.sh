@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# fcdm GPU check, in one device call: install and build, `pytest -m "gpu and not slow"`, the op and model benchmarks
-# at reduced repetitions, a kernel profile of the block, the chart, and the summary table (printed last).
+# fcdm GPU check, in one device call: install and build, `pytest -m "gpu and not slow"`, every GEMM config the Triton
+# tuner may pick against fp64 (`-m gemm_candidates`), the op and model benchmarks at reduced repetitions, a kernel
+# profile of the block, the chart, and the summary table (printed last).
 #
 #   bash benchmarks/gpu_check.sh
 #
@@ -49,16 +50,19 @@ stage() {
   echo "== $name: exit $rc after $(( $(date +%s) - t0 ))s"
 }
 
-# The third argument keeps the later stages' minimums: pytest 40, ops 50, model 90, profile 10, chart 10, summary 15.
-stage env 20 215 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+# The third argument keeps the later stages' minimums: pytest 40, gemm_candidates 30, ops 50, model 90, profile 10,
+# chart 10, summary 15.
+stage env 20 245 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'triton', triton.__version__, '|', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'NO CUDA')"
 if [ "${GPU_CHECK_SKIP_INSTALL:-0}" != 1 ]; then
-  stage install 150 215 "$PY" -m pip install --no-deps --no-build-isolation --no-input -e .
+  stage install 150 245 "$PY" -m pip install --no-deps --no-build-isolation --no-input -e .
 fi
 HAS_CUDA=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
 SUITE=$([ "$HAS_CUDA" = 1 ] && echo quick || echo tiny)
-stage pytest_gpu 110 175 env FCDM_TRITON_TUNE=0 "$PY" -m pytest -m "gpu and not slow" -q -p no:cacheprovider \
-  --durations=15 -rfE
+stage pytest_gpu 110 205 env FCDM_TRITON_TUNE=0 "$PY" -m pytest -m "gpu and not slow and not gemm_candidates" -q \
+  -p no:cacheprovider --durations=15 -rfE
+# Tuning picks any candidate in production; the stage above runs the first one only.
+stage gemm_candidates 60 175 "$PY" -m pytest -m gemm_candidates -q -p no:cacheprovider --durations=6 -rfE
 stage ops 80 125 "$PY" -m benchmarks.ops --quick --results-dir "$RESULTS"
 stage model 140 35 "$PY" -m benchmarks.model --suite "$SUITE" --results-dir "$RESULTS"
 stage profile 30 25 "$PY" -m benchmarks.kernel_profile --op block --mode full --providers channels_last,triton,cuda \

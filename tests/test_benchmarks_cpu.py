@@ -303,7 +303,8 @@ def test_gpu_check_script_parses_and_keeps_its_promises():
     script = REPO / "benchmarks" / "gpu_check.sh"
     subprocess.run(["bash", "-n", str(script)], check=True, timeout=30)
     text = script.read_text()
-    for needed in ("set -uo pipefail", "pip install --no-deps --no-build-isolation", "pytest -m \"gpu and not slow\"",
+    for needed in ("set -uo pipefail", "pip install --no-deps --no-build-isolation",
+                   "pytest -m \"gpu and not slow and not gemm_candidates\"", "pytest -m gemm_candidates",
                    "FCDM_FORCE_CUDA=1", "TORCH_CUDA_ARCH_LIST", "timeout", "benchmarks.ops --quick",
                    "benchmarks.model --suite", "benchmarks.chart", "$OUT"):
         assert needed in text, needed

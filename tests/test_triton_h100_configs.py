@@ -29,14 +29,11 @@ SHAPES = [(2, 12, 12, 48, torch.float32), (3, 8, 8, 40, torch.bfloat16)]
 def as_on_h100(monkeypatch, candidate: int) -> None:
     """Choose launch configs as on a CUDA device, with GEMM tuning candidate `candidate` (the last one where an op
     has fewer), while the kernels still run in the interpreter."""
-    def gemm_config(op, m, n, k, pixels, dtype, device, run):
-        candidates = launch.gemm_candidates(op, n, dtype)
-        return candidates[min(candidate, len(candidates) - 1)]
-
+    from tests.test_triton_gemm_candidates import use_gemm_candidate
     monkeypatch.setattr(launch, "interpreting", lambda device: False)
     # The interpreter multiplies bf16 tl.dot operands wrongly (launch.py), so the dots stay widened to fp32.
     monkeypatch.setattr(launch, "dot_in_fp32", lambda dtype, device: True)
-    monkeypatch.setattr(launch, "gemm_config", gemm_config)
+    use_gemm_candidate(monkeypatch, candidate)
     monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
 
 
