@@ -25,7 +25,7 @@ from fcdm.cuda_graph import GraphedForward
 from fcdm.load import CheckpointError, fit_state, read_checkpoint_args, read_model_state
 from fcdm.objectives import OBJECTIVES, build_objective
 from fcdm.sampling import generate, seeded_batch
-from fcdm.train import distributed
+from fcdm import distributed
 
 SAMPLERS = {name: objective.samplers for name, objective in OBJECTIVES.items()}
 # Settings that change the samples; a run directory may only be resumed with the same values.

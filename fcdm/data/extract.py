@@ -14,9 +14,9 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from fcdm import distributed
 from fcdm.data.imagefolder import ImageFolderDataset
 from fcdm.data.latent_store import write_index, write_shard
-from fcdm.train import distributed
 
 
 def load_vae(name_or_path: str, device: torch.device):

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from . import distributed
+from fcdm import distributed
+
 from .samples import decode, to_uint8_nhwc
 
 

@@ -15,12 +15,12 @@ import torch
 from torch.utils.data import DataLoader
 
 import fcdm
-from fcdm.models.flops import model_macs
+from fcdm import distributed
 from fcdm.data import GlobalBatchSampler
+from fcdm.models.flops import model_macs
 from fcdm.objectives import build_objective
 
 from . import checkpoint as ckpt_io
-from . import distributed
 from .builders import build_dataset, build_model, load_vae
 from .ema import EMA
 from .evaluation import build_evaluator
