@@ -5,8 +5,7 @@ import torch
 
 import fcdm
 from fcdm.data import ImageFolderDataset, LatentStore, NpyFeatureDataset, ProceduralShapes
-
-SD_VAE_SCALE = 0.18215  # the scale of Stable Diffusion's VAE latents, as DiT and the official code use
+from fcdm.vae import SD_VAE_SCALE, latent_shape, load_vae
 
 
 def build_dataset(args):
@@ -37,16 +36,14 @@ def build_dataset(args):
     return dataset
 
 
-def load_vae(args, device):
-    """The diffusers AutoencoderKL named by --vae, frozen, or None."""
+def build_vae(args, device):
+    """The diffusers AutoencoderKL named by --vae, frozen, or None. With --data-path (images encoded on the fly) it
+    sets args.in_channels and args.input_size to the latents'."""
     if not args.vae:
         return None
-    from fcdm.data.extract import load_vae as load
-    vae = load(args.vae, device)
+    vae = load_vae(args.vae, device)
     if args.data_source == "imagefolder_latent":
-        with torch.no_grad():
-            probe = vae.encode(torch.zeros(1, 3, args.image_size, args.image_size, device=device)).latent_dist.mean
-        args.in_channels, args.input_size = probe.shape[1], probe.shape[-1]
+        args.in_channels, args.input_size, _ = latent_shape(vae, args.image_size)
     return vae
 
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 
 from fcdm import distributed
+from fcdm.vae import to_uint8
 
-from .samples import decode, to_uint8_nhwc
+from .samples import viewable
 
 
 class InceptionFID:
@@ -52,7 +53,7 @@ class InceptionFID:
             x = generate(model, self.objective, y, shape=(a.in_channels, a.input_size, a.input_size),
                          sampler=a.sampler, steps=a.num_sampling_steps, cfg_scale=a.cfg_scale, generator=gen,
                          autocast_dtype=self.amp)
-            return to_uint8_nhwc(decode(x, self.vae, a.vae_scaling_factor)).cpu()
+            return to_uint8(viewable(x, self.vae, a.vae_scaling_factor)).cpu()
 
         features = self.fid.chunk_features(mine, generate_uint8)
         if split:  # back into chunk order: rank r holds chunks r, r + W, r + 2W, ...

@@ -19,9 +19,10 @@ from fcdm import distributed
 from fcdm.data import GlobalBatchSampler
 from fcdm.models.flops import model_macs
 from fcdm.objectives import build_objective
+from fcdm.vae import encode
 
 from . import checkpoint as ckpt_io
-from .builders import build_dataset, build_model, load_vae
+from .builders import build_dataset, build_model, build_vae
 from .ema import EMA
 from .evaluation import build_evaluator
 from .guards import check_step
@@ -160,7 +161,7 @@ def train(args) -> TrainState:
 
     # --- data, model, objective --------------------------------------------------------------------------------
     dataset = build_dataset(args)
-    vae = load_vae(args, device)
+    vae = build_vae(args, device)
     torch.manual_seed(args.global_seed)  # the same initial weights on every rank and in every run with this seed
     model = build_model(args).to(device)
     objective = build_objective(args.objective)
@@ -275,8 +276,7 @@ def train(args) -> TrainState:
                 x, y = next(batches)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 if vae is not None and args.data_source == "imagefolder_latent":
-                    with torch.no_grad():
-                        x = vae.encode(x).latent_dist.sample() * args.vae_scaling_factor
+                    x = encode(vae, x, args.vae_scaling_factor)
                 t = objective.sample_t(micro_batch * info.world_size, device, generator=gen)[rank_slice]
                 noise = torch.randn((micro_batch * info.world_size, *x.shape[1:]), generator=gen,
                                     device=device)[rank_slice]
