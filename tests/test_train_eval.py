@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fcdm.train.loop as loop
-from fcdm import demo_quality
+from fcdm.eval import demo_quality
 from fcdm.train import checkpoint as ckpt_io
 
 from .test_train_common import read_metrics, run_train

@@ -5,6 +5,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fcdm.sampling import generate
 from fcdm.vae import SD_VAE_SCALE, decode, to_uint8
 
 # The official trainer's preview classes for ImageNet.
@@ -54,8 +55,6 @@ def save_png(grid: np.ndarray, path: str, min_side: int = 256) -> None:
 @torch.no_grad()
 def sample_grid(model, objective, args, device, vae=None, per_class: int = 8, autocast_dtype=None) -> np.ndarray:
     """A grid with one row per preview class, from the same seeded noise every time (so grids are comparable)."""
-    from fcdm.sampling import generate
-
     classes = preview_classes(args.num_classes)
     y = torch.tensor(classes, device=device).repeat_interleave(per_class)
     g = torch.Generator(device=device).manual_seed(args.global_seed)
