@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from fcdm.train import checkpoint as ckpt_io
+from fcdm.train import resume as ckpt_io
 from fcdm.train.config import parse_args
 from fcdm.train.ema import EMA
 from fcdm.train.guards import NonFiniteStepError, check_step

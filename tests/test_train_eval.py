@@ -7,7 +7,7 @@ import torch
 
 import fcdm.train.loop as loop
 from fcdm.eval import demo_quality
-from fcdm.train import checkpoint as ckpt_io
+from fcdm.train import resume as ckpt_io
 
 from .test_train_common import read_metrics, run_train
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fcdm.train import checkpoint as ckpt_io
+from fcdm.train import resume as ckpt_io
 from fcdm.train.config import parse_args
 
 from .test_train_common import TINY, final_checkpoint, read_metrics, run_script, run_train

@@ -1,7 +1,9 @@
-"""Turn parsed flags into the objects the loop needs: the dataset, the model and (optionally) the VAE."""
+"""Turn parsed flags into the objects the loop needs: the dataset, the VAE (optional), the model and its wrapper."""
 from __future__ import annotations
 
 import torch
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel
 
 import fcdm
 from fcdm.data import ImageFolderDataset, LatentStore, NpyFeatureDataset, ProceduralShapes
@@ -57,3 +59,19 @@ def build_model(args) -> torch.nn.Module:
     if args.grad_checkpointing:
         model.set_grad_checkpointing()
     return model
+
+
+def wrap_model(model, ema, args, world_size: int, device: torch.device) -> torch.nn.Module:
+    """What the forward runs: DDP, FSDP2 (which shards `model` and the EMA in place) or the model itself (a single
+    process needs no wrapper), then optionally torch.compile."""
+    if args.fsdp:
+        for module in (model, ema.module):
+            for block in module.all_blocks():
+                fully_shard(block)
+            fully_shard(module)
+        wrapped = model
+    elif world_size > 1:
+        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        wrapped = model
+    return torch.compile(wrapped) if args.compile else wrapped

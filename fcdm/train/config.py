@@ -57,9 +57,15 @@ def _non_negative(kind):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train an FCDM (see docs/training.md). With no data flag: the CPU demo.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    pos, nonneg = _positive, _non_negative
+    add_data_flags(p.add_argument_group("data (at most one source; none = built-in procedural shapes)"))
+    add_model_flags(p.add_argument_group("model and objective"))
+    add_optimisation_flags(p.add_argument_group("optimisation"))
+    add_output_flags(p.add_argument_group("duration and output"))
+    return p
 
-    g = p.add_argument_group("data (at most one source; none = built-in procedural shapes)")
+
+def add_data_flags(g) -> None:
+    pos, nonneg = _positive, _non_negative
     g.add_argument("--data-path", help="ImageFolder root (class sub-folders): pixel space, or latents with --vae")
     g.add_argument("--feature-path", help="official layout: directory of per-image latent .npy files")
     g.add_argument("--label-path", help="official layout: directory of per-image label .npy files")
@@ -77,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dataset-size", type=pos(int), default=10_000, help="procedural dataset length")
     g.add_argument("--num-workers", type=nonneg(int), default=None)
 
-    g = p.add_argument_group("model and objective")
+
+def add_model_flags(g) -> None:
+    pos, nonneg = _positive, _non_negative
     g.add_argument("--model", choices=list(FCDM_CONFIGS), default=None)
     g.add_argument("--hidden-size", type=pos(int), default=None, help="override the config's base width C")
     g.add_argument("--depth", type=pos(int), nargs=5, default=None, metavar="N",
@@ -89,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fused-op backend (default: the FCDM_BACKEND environment variable, else auto)")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in the backward")
 
-    g = p.add_argument_group("optimisation")
+
+def add_optimisation_flags(g) -> None:
+    pos, nonneg = _positive, _non_negative
     g.add_argument("--global-batch-size", type=pos(int), default=None, help="images per step over all ranks")
     g.add_argument("--grad-accum", type=pos(int), default=1, help="micro-batches per optimiser step")
     g.add_argument("--lr", type=pos(float), default=None)
@@ -110,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-consecutive-skips", type=pos(int), default=10,
                    help="stop after this many consecutive non-finite steps")
 
-    g = p.add_argument_group("duration and output")
+
+def add_output_flags(g) -> None:
+    pos, nonneg = _positive, _non_negative
     g.add_argument("--epochs", type=pos(int), default=None)
     g.add_argument("--max-train-steps", type=pos(int), default=None, help="stop exactly after this many steps")
     g.add_argument("--global-seed", type=int, default=0)
@@ -132,7 +144,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ckpt", default=None, help="official flag: start from this checkpoint (exact resume when it "
                                                 "is one of ours, weights only when official)")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar (logs still go to log.txt)")
-    return p
 
 
 def data_source(args) -> str:
