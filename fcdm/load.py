@@ -11,6 +11,7 @@ import os
 from typing import Mapping
 
 import torch
+from safetensors.torch import load_file
 
 # Prefixes added by DistributedDataParallel and torch.compile; stripped so any of them loads into a bare model.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -26,7 +27,6 @@ def read_checkpoint_file(path: str):
         raise CheckpointError(f"checkpoint {path!r} does not exist or is not a file")
     try:
         if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
             return load_file(path, device="cpu")
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)

@@ -5,7 +5,7 @@
 - loop.py: set-up (one Run object), one training step, the periodic actions, and the loop itself
 - state.py: the progress counters and RNG states, saved whole, and the per-step seeds
 - resume.py: what a checkpoint holds, its files, and finding the run and checkpoint to resume
-- ema.py, guards.py (the NaN guard, stopping on SIGTERM), evaluation.py, samples.py (sample grids), run_logger.py
+- ema.py, guards.py (the NaN guard, stopping on SIGTERM), evaluation.py, previews.py (sample grids), run_logger.py
 
 Process groups (fcdm.distributed), the VAE (fcdm.vae) and sampling (fcdm.sampling) are library parts it shares.
 """

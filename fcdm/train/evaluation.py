@@ -16,7 +16,7 @@ from fcdm.eval.fid_hook import InTrainingFID
 from fcdm.sampling import generate
 from fcdm.vae import to_uint8
 
-from .samples import viewable
+from .previews import viewable
 
 
 class InceptionFID:

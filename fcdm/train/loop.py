@@ -30,7 +30,7 @@ from .ema import EMA
 from .evaluation import build_evaluator
 from .guards import StopRequest, check_step
 from .run_logger import ProgressWindow, RunLogger
-from .samples import sample_grid, save_png
+from .previews import sample_grid, save_png
 from .state import TrainState, step_seed
 
 
