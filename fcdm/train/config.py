@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from fcdm.load import model_config, read_checkpoint_args
 from fcdm.models import FCDM_CONFIGS
 
 OBJECTIVES = ("ddpm", "flow")
@@ -156,6 +157,17 @@ def data_source(args) -> str:
     return "procedural"
 
 
+def architecture_from_checkpoint(args) -> None:
+    """With --ckpt or --resume PATH and no --model: the model, width and depth the checkpoint was trained with (as
+    its stored args say; fcdm.load reads them as sampling does). Flags given explicitly win."""
+    path = args.ckpt or (args.resume if args.resume != "auto" else None)
+    stored = read_checkpoint_args(path) if path else {}
+    if args.model is None and stored.get("model") in FCDM_CONFIGS:
+        config = model_config(stored, hidden_size=args.hidden_size, depth=args.depth)
+        args.model, args.hidden_size = config["model"], config["hidden_size"]
+        args.depth = list(config["depth"]) if config["depth"] is not None else None
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     """Parse and validate; every inconsistency is an argparse error naming the flag."""
     p = build_parser()
@@ -186,6 +198,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--class-dropout-prob must be < 1, got {args.class_dropout_prob}")
 
     args.data_source = data_source(args)
+    architecture_from_checkpoint(args)
     demo = args.data_source == "procedural"
     for name, (demo_value, paper_value) in SOURCE_DEFAULTS.items():
         if getattr(args, name) is None:

@@ -19,7 +19,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 
 from fcdm import distributed
-from fcdm.load import read_checkpoint_file
+from fcdm.load import CheckpointError, fit_state, read_checkpoint_file
 
 from .state import TrainState, capture_rng, restore_rng
 
@@ -157,9 +157,9 @@ def restore(ckpt: dict, model, ema, opt, state: TrainState, args, log) -> None:
             set_optimizer_state_dict(model, opt, ckpt["opt"], options=full)
     else:
         try:
-            model.load_state_dict(ckpt["model"])
-            ema.module.load_state_dict(ckpt.get("ema", ckpt["model"]))
-        except RuntimeError as e:  # missing keys or shape mismatches: a checkpoint of another architecture
+            fit_state(model, ckpt["model"], "its 'model' entry")
+            fit_state(ema.module, ckpt.get("ema", ckpt["model"]), "its 'ema' entry")
+        except CheckpointError as e:  # missing keys or shape mismatches: a checkpoint of another architecture
             raise ValueError(f"the checkpoint does not fit this model (check --model, --hidden-size, --depth, "
                              f"--num-classes, --objective): {e}") from e
         if "opt" in ckpt:
