@@ -17,6 +17,7 @@ from tqdm import tqdm
 from fcdm import distributed
 from fcdm.data.imagefolder import ImageFolderDataset
 from fcdm.data.latent_store import write_index, write_shard
+from fcdm.flags import add_device_flag, add_vae_flags
 from fcdm.vae import SD_VAE, SD_VAE_SCALE, load_vae
 
 
@@ -24,15 +25,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-path", required=True, help="ImageFolder root (class sub-folders)")
     p.add_argument("--output", "--features-path", dest="output", required=True, help="latent store directory")
-    p.add_argument("--vae", "--hf-model-dir", dest="vae", default=SD_VAE,
-                   help="diffusers AutoencoderKL directory or hub name")
+    add_vae_flags(p, default=SD_VAE, help="diffusers AutoencoderKL directory or hub name", scale_default=SD_VAE_SCALE,
+                  scale_help="stored as the store's default scale")
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32,
                    help="images per GPU per forward (each is encoded with its mirror image: the VAE sees twice as many)")
     p.add_argument("--shard-size", type=int, default=4096, help="images per shard file")
-    p.add_argument("--vae-scaling-factor", type=float, default=SD_VAE_SCALE, help="stored as the store's default scale")
     p.add_argument("--num-workers", type=int, default=4)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_device_flag(p)
     args = p.parse_args(argv)
     for flag in ("image_size", "batch_size", "shard_size"):
         if getattr(args, flag) < 1:

@@ -9,11 +9,10 @@ from __future__ import annotations
 import argparse
 import os
 
+from fcdm.flags import add_backend_flag, add_device_flag, add_vae_flags, non_negative, positive
 from fcdm.load import model_config, read_checkpoint_args
 from fcdm.models import FCDM_CONFIGS
-
-OBJECTIVES = ("ddpm", "flow")
-BACKENDS = ("auto", "torch", "triton", "cuda")
+from fcdm.objectives import OBJECTIVES
 
 # Flags whose default depends on the data source: (demo, paper recipe).
 SOURCE_DEFAULTS = {
@@ -37,24 +36,6 @@ SOURCE_DEFAULTS = {
 }
 
 
-def _positive(kind):
-    def parse(text):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-        return value
-    return parse
-
-
-def _non_negative(kind):
-    def parse(text):
-        value = kind(text)
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-        return value
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train an FCDM (see docs/training.md). With no data flag: the CPU demo.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -66,18 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_data_flags(g) -> None:
-    pos, nonneg = _positive, _non_negative
+    pos, nonneg = positive, non_negative
     g.add_argument("--data-path", help="ImageFolder root (class sub-folders): pixel space, or latents with --vae")
     g.add_argument("--feature-path", help="official layout: directory of per-image latent .npy files")
     g.add_argument("--label-path", help="official layout: directory of per-image label .npy files")
     g.add_argument("--latent-store", help="a store written by `python -m fcdm.data.extract`")
     g.add_argument("--zarr-path", help=argparse.SUPPRESS)  # official; unsupported, rejected with advice
-    g.add_argument("--vae", "--hf-model-dir", "--hf-model-name", dest="vae", default=None,
-                   help="diffusers AutoencoderKL (directory or hub name): encodes --data-path on the fly and "
-                        "decodes latent sample grids")
+    add_vae_flags(g, default=None, help="diffusers AutoencoderKL (directory or hub name): encodes --data-path on the "
+                  "fly and decodes latent sample grids", scale_default=None,
+                  scale_help="latent scale; default: a latent store's recorded scale, else 0.18215 (SD-VAE)")
     g.add_argument("--vae-name", default=None, help="official flag, only used in the run name")
-    g.add_argument("--vae-scaling-factor", type=pos(float), default=None,
-                   help="latent scale; default: a latent store's recorded scale, else 0.18215 (SD-VAE)")
     g.add_argument("--image-size", type=pos(int), default=None, help="pixel size (ImageFolder crop, procedural)")
     g.add_argument("--num-classes", type=pos(int), default=None, help="default: from the data (1000 for .npy)")
     g.add_argument("--in-channels", type=pos(int), default=None, help="default: from the data")
@@ -86,21 +65,20 @@ def add_data_flags(g) -> None:
 
 
 def add_model_flags(g) -> None:
-    pos, nonneg = _positive, _non_negative
+    pos, nonneg = positive, non_negative
     g.add_argument("--model", choices=list(FCDM_CONFIGS), default=None)
     g.add_argument("--hidden-size", type=pos(int), default=None, help="override the config's base width C")
     g.add_argument("--depth", type=pos(int), nargs=5, default=None, metavar="N",
                    help="override the config's 5 block counts (enc1 enc2 latent dec2 dec1)")
-    g.add_argument("--objective", choices=OBJECTIVES, default="ddpm",
+    g.add_argument("--objective", choices=list(OBJECTIVES), default="ddpm",
                    help="ddpm: 1000-step DDPM, learned sigma, hybrid loss (the paper); flow: flow matching")
     g.add_argument("--class-dropout-prob", type=nonneg(float), default=0.1, help="label dropout for CFG")
-    g.add_argument("--backend", choices=BACKENDS, default=None,
-                   help="fused-op backend (default: the FCDM_BACKEND environment variable, else auto)")
+    add_backend_flag(g)
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in the backward")
 
 
 def add_optimisation_flags(g) -> None:
-    pos, nonneg = _positive, _non_negative
+    pos, nonneg = positive, non_negative
     g.add_argument("--global-batch-size", type=pos(int), default=None, help="images per step over all ranks")
     g.add_argument("--grad-accum", type=pos(int), default=1, help="micro-batches per optimiser step")
     g.add_argument("--lr", type=pos(float), default=None)
@@ -114,7 +92,7 @@ def add_optimisation_flags(g) -> None:
                    help="autocast dtype; auto = bf16 on GPU, fp32 on CPU")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--fsdp", action="store_true", help="shard with FSDP2 fully_shard instead of DDP")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    add_device_flag(g)
     g.add_argument("--dist-timeout-minutes", type=pos(float), default=30.0,
                    help="how long a process waits in a collective (e.g. while rank 0 writes a checkpoint) before "
                         "the job is aborted; NCCL's own default is 10")
@@ -123,7 +101,7 @@ def add_optimisation_flags(g) -> None:
 
 
 def add_output_flags(g) -> None:
-    pos, nonneg = _positive, _non_negative
+    pos, nonneg = positive, non_negative
     g.add_argument("--epochs", type=pos(int), default=None)
     g.add_argument("--max-train-steps", type=pos(int), default=None, help="stop exactly after this many steps")
     g.add_argument("--global-seed", type=int, default=0)
