@@ -16,34 +16,15 @@ from tests.numerics import REL_TOL, assert_block_matches_fp64, assert_rel_close,
 from tests.test_cuda_build import emulated  # noqa: F401  (the CPU emulation of csrc/, built once and cached)
 
 triton = pytest.importorskip("triton")
-from fcdm_kernels.triton import block, dry_run, dwconv_ln_modulate, grn_mlp, launch  # noqa: E402
+from fcdm_kernels.triton import dry_run, launch  # noqa: E402
 
 BIG_BATCH = 70_000
 
 
-def meta(*shape, dtype=torch.bfloat16):
-    return torch.empty(*shape, device="meta", dtype=dtype)
-
-
 def big_batch_launches():
-    """(launcher name, [(kernel, grid)]) for every forward and backward launcher at B = 70,000, 2x2 images, C = 8."""
-    B, H, W, C = BIG_BATCH, 2, 2, 8
-    J, M = 3 * C, B * H * W
-    x, vec, mat = meta(B, H, W, C), meta(B, C), meta(M, 3 * C)
-    dw = (meta(C, 7, 7), meta(C))
-    mlp = (meta(J, C), meta(J), meta(J), meta(J), meta(C, J), meta(C))
-    fp32 = meta(B, J, dtype=torch.float32)
-    runs = {
-        "dwconv forward": (dwconv_ln_modulate.dwconv_ln_modulate_forward, (x, *dw, vec, vec, 1e-6)),
-        "dwconv backward": (dwconv_ln_modulate.dwconv_ln_modulate_backward, (x, x, *dw, vec, 1e-6)),
-        "grn_mlp forward": (grn_mlp.grn_mlp_forward, (x, x, vec, *mlp, True)),
-        "grn_mlp backward": (grn_mlp.grn_mlp_backward, (x, x, vec, mlp[0], mlp[2], mlp[3], mlp[4], mat,
-                                                        meta(M, C), fp32, fp32)),
-        "block forward": (block.convnext_block_forward, (x, vec, vec, vec, *dw, *mlp, True)),
-        "block backward": (block.convnext_block_backward, (x, x, vec, vec, vec, *dw, mlp[0], *mlp[2:], mat, fp32,
-                                                          fp32)),
-    }
-    return {name: dry_run.dry_run(fn, *args).launches for name, (fn, args) in runs.items()}
+    """{"<op> <pass>": [(kernel, grid)]} for every forward and backward launcher at B = 70,000, 2x2 images, C = 8."""
+    return {name: dry_run.dry_run(fn, *args).launches
+            for name, (fn, args) in dry_run.op_launchers(BIG_BATCH, 2, 2, 8).items()}
 
 
 def test_checked_grid_names_the_limit():
@@ -70,7 +51,7 @@ def test_every_triton_launch_fits_the_grid_at_a_batch_of_70000():
             assert all(n >= 1 for n in grid), (name, kernel, grid)
             assert grid[0] <= launch.MAX_GRID[0] and all(n <= 65535 for n in grid[1:]), (name, kernel, grid)
     # The kernels with the sample on axis 1 are launched in two slices; the others carry the batch on axis 0.
-    forward = [g for k, g in launches["dwconv forward"] if k == "_dwconv_ln_modulate_fwd_kernel"]
+    forward = [g for k, g in launches["dwconv_ln_modulate forward"] if k == "_dwconv_ln_modulate_fwd_kernel"]
     assert [g[1] for g in forward] == [65535, BIG_BATCH - 65535]
     assert max(g[0] for k, g in launches["grn_mlp forward"] if k == "_grn_scale_kernel") == BIG_BATCH
 
@@ -112,15 +93,15 @@ def test_cuda_launches_fit_the_grid_at_a_batch_of_70000(emulated):
 
 # ------------------------------------------------------------------------------------------------------ on a GPU
 @pytest.mark.gpu
-def test_a_batch_of_70000_runs_on_the_gpu():
-    """Tiny images, so the tensors are a few MB: the block, the two ops and (where built) the CUDA dwconv."""
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_a_batch_of_70000_runs_on_the_gpu(backend):
+    """dwconv_ln_modulate (the op whose kernels had the batch on grid.y/z), forward and every gradient against fp64;
+    2x2 images, so the tensors are a few MB."""
+    from tests.test_triton_dwconv_ln_modulate import check_against_fp64, make_args
     cuda = torch.device("cuda")
-    args = block_args(BIG_BATCH, 2, 2, 8, torch.bfloat16, cuda)
-    with fcdm_kernels.use_backend("triton"):
-        assert_block_matches_fp64(fcdm_kernels.convnext_block, args, torch.bfloat16)
-    if dispatch.unavailable_reason("dwconv_ln_modulate", "cuda", cuda) is None:
-        x, shift, scale, _, weight, bias = (a.detach() for a in args[:6])
-        with fcdm_kernels.use_backend("cuda"):
-            out = fcdm_kernels.dwconv_ln_modulate(x, weight, bias, shift, scale)
-        ref = fcdm_kernels.dwconv_ln_modulate_reference(*(a.double() for a in (x, weight, bias, shift, scale)))
-        assert_rel_close(out, ref, REL_TOL[torch.bfloat16], "cuda h")
+    if dispatch.unavailable_reason("dwconv_ln_modulate", backend, cuda) is not None:
+        pytest.skip(f"the {backend} backend is not available here")
+    args = make_args(BIG_BATCH, 2, 2, 8, torch.bfloat16, cuda)
+    with fcdm_kernels.use_backend(backend):
+        assert dispatch.resolve("dwconv_ln_modulate", args[0]) == backend
+    check_against_fp64(args, cuda, backend)

@@ -115,13 +115,14 @@ def test_a_new_graph_when_the_reduction_mode_changes(monkeypatch):
 
 # ------------------------------------------------------------------------------------------------------ on a GPU
 def replays_match_eager(device: torch.device):
+    """FCDM-T at 16x16 under bf16 autocast, as tests/test_cuda_graph.py runs it (the same compiled kernels)."""
     torch.manual_seed(0)
     model = fcdm.FCDM_models["FCDM-T"](num_classes=5)
     for p in model.parameters():
         p.data.normal_(0, 0.05)
     model = model.eval().to(device)
     graphed = GraphedForward(model)
-    with torch.no_grad(), fcdm_kernels.use_backend("triton"):
+    with torch.no_grad(), fcdm_kernels.use_backend("triton"), torch.autocast("cuda", dtype=torch.bfloat16):
         for seed in range(3):  # the first call captures; the others replay with new inputs
             g = torch.Generator(device).manual_seed(seed)
             x = torch.randn(2, 4, 16, 16, device=device, generator=g)

@@ -127,11 +127,11 @@ def test_small_budget_with_h100_tiles_through_the_block_matches_fp64(monkeypatch
 # ------------------------------------------------------------------------------------------------------ on a GPU
 @pytest.mark.gpu
 def test_gpu_backward_memory_matches_the_dry_run():
-    """At FCDM-XL level 1 (B=64, 32x32, C=512, bf16): what the backward allocates on the GPU beyond its inputs and
-    outputs equals the dry run's workspace (to the allocator's 512-byte rounding), and the gradients match fp64."""
+    """At FCDM-XL level 1 (B=64, 32x32, C=512, bf16): the peak of what the backward allocates on the GPU equals the
+    dry run's (to the caching allocator's rounding), and the gradients match fp64."""
     cuda = torch.device("cuda")
     B, H, W, C = 64, 32, 32, 512
-    x, report = backward_on_meta(B, H, W, C)
+    _, report = backward_on_meta(B, H, W, C)
     args = [t.to(torch.bfloat16) for t in (torch.randn(B, H, W, C, device=cuda), torch.randn(C, 7, 7, device=cuda) / 7,
                                            torch.randn(C, device=cuda) * 0.5, torch.randn(B, C, device=cuda) * 0.5)]
     dh = torch.randn(B, H, W, C, device=cuda, dtype=torch.bfloat16)
@@ -143,11 +143,12 @@ def test_gpu_backward_memory_matches_the_dry_run():
         grads = dwconv_ln_modulate_backward(dh, *args, 1e-6)
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - before
-    slack = 512 * len(report.allocations)
+    # The caching allocator rounds to 512 B, and may hand a large request up to 1 MiB more than it asked for.
+    slack = sum(512 + (2 ** 20 if torch.Size(shape).numel() * 4 >= 2 ** 20 else 0) for shape, _ in report.allocations)
     assert abs(peak - report.peak_bytes) <= slack, (peak, report.peak_bytes)
-    exact = [a.double().requires_grad_() for a in (args[0], args[1], args[2], args[3], args[3])]
-    ref = dwconv_ln_modulate_reference(*exact)
-    ref_grads = torch.autograd.grad(ref, exact, dh.double())
-    for name, g, rg in zip(("dx", "dweight", "dbias", "dscale"), (grads[0], grads[1], grads[2], grads[4]),
-                           (ref_grads[0], ref_grads[1], ref_grads[2], ref_grads[4])):
+    x, weight, bias, scale = (a.double().requires_grad_() for a in args)
+    shift = torch.zeros_like(scale, requires_grad=True)  # h's gradients do not depend on shift
+    ref_grads = torch.autograd.grad(dwconv_ln_modulate_reference(x, weight, bias, shift, scale),
+                                    (x, weight, bias, shift, scale), dh.double())
+    for name, g, rg in zip(("dx", "dweight", "dbias", "dshift", "dscale"), grads, ref_grads):
         assert_rel_close(g, rg, REL_TOL[torch.bfloat16], name)

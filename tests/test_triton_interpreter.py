@@ -52,16 +52,14 @@ def test_launch_follows_the_flag_for_cuda_tensors(interpret):
 
 INTERPRETED_ON_CUDA = r"""
 import torch, fcdm_kernels
-from tests.numerics import REL_TOL, assert_block_matches_fp64, block_args
-args = block_args(2, 5, 6, 16, torch.bfloat16, torch.device("cuda"))
-with fcdm_kernels.use_backend("triton"):
-    assert_block_matches_fp64(fcdm_kernels.convnext_block, args, torch.bfloat16)
+from tests.test_triton_grn_mlp import check_against_fp64, make_args
+check_against_fp64(make_args(2, 3, 5, 16, torch.bfloat16, torch.device("cuda")))
 print("INTERPRETED OK")
 """
 
 
 @pytest.mark.gpu
 def test_interpreted_kernels_on_cuda_tensors_match_fp64():
-    """bf16 through the whole block, interpreted on CUDA tensors: wrong without the widened dots."""
+    """bf16 grn_mlp (its GEMMs), interpreted on CUDA tensors: wrong without the widened dots."""
     result = run_fresh(INTERPRETED_ON_CUDA, True)
     assert result.returncode == 0 and "INTERPRETED OK" in result.stdout, result.stdout + result.stderr

@@ -2,6 +2,7 @@
 
     report = dry_run(dwconv_ln_modulate_backward, dh, x, weight, bias, scale, 1e-6)   # meta tensors
     report.workspace_bytes, report.output_bytes, report.launches
+    for name, (launcher, args) in op_launchers(64, 32, 32, 512).items(): ...          # every op, both passes
 
 The launcher runs on meta tensors with the configs launch.py picks on CUDA (the untuned GEMM defaults), while every
 Triton kernel of the backend is replaced by a stub that records its grid. A dispatch mode follows each tensor the
@@ -107,6 +108,9 @@ def dry_run(launcher, *args, **kwargs) -> DryRunReport:
         raise ValueError("dry_run needs meta tensors (torch.empty(..., device='meta')), so nothing is allocated")
     report = DryRunReport()
     log = _AllocationLog(report)
+    for t in tree_leaves((args, kwargs)):  # the inputs (and views of them) are not the launcher's allocations
+        if isinstance(t, torch.Tensor):
+            log.keys[t.untyped_storage()] = None
     with _as_on_cuda(report), log:
         result = launcher(*args, **kwargs)
         outputs = {log.key_of(t) for t in tree_leaves(result) if isinstance(t, torch.Tensor)} - {None}
@@ -126,3 +130,27 @@ def dry_run(launcher, *args, **kwargs) -> DryRunReport:
     report.output_bytes = sum(sizes[k] for k in outputs)
     del result
     return report
+
+
+def op_launchers(B: int, H: int, W: int, C: int, dtype: torch.dtype = torch.bfloat16,
+                 mlp_ratio: int = 3) -> dict[str, tuple]:
+    """{"<op> <pass>": (launcher, meta arguments)} for the forward and backward of each Triton op at one shape, as its
+    autograd function calls it when a gradient is needed (forwards save for the backward)."""
+    J, M = mlp_ratio * C, B * H * W
+
+    def meta(*shape, dt=dtype):
+        return torch.empty(*shape, device="meta", dtype=dt)
+    x, vec = meta(B, H, W, C), meta(B, C)
+    conv = (meta(C, 7, 7), meta(C))
+    w1, b1, gamma, beta, w2, b2 = meta(J, C), meta(J), meta(J), meta(J), meta(C, J), meta(C)
+    pre, z, ss = meta(M, J), meta(M, C), meta(B, J, dt=torch.float32)
+    return {
+        "dwconv_ln_modulate forward": (dwconv_ln_modulate.dwconv_ln_modulate_forward, (x, *conv, vec, vec, 1e-6)),
+        "dwconv_ln_modulate backward": (dwconv_ln_modulate.dwconv_ln_modulate_backward, (x, x, *conv, vec, 1e-6)),
+        "grn_mlp forward": (grn_mlp.grn_mlp_forward, (x, x, vec, w1, b1, gamma, beta, w2, b2, True)),
+        "grn_mlp backward": (grn_mlp.grn_mlp_backward, (x, x, vec, w1, gamma, beta, w2, pre, z, ss, ss)),
+        "convnext_block forward": (block.convnext_block_forward, (x, vec, vec, vec, *conv, w1, b1, gamma, beta, w2,
+                                                                  b2, True)),
+        "convnext_block backward": (block.convnext_block_backward, (x, x, vec, vec, vec, *conv, w1, gamma, beta, w2,
+                                                                    b2, pre, ss, ss)),
+    }
