@@ -219,3 +219,11 @@ def test_two_gpu_runs_are_bitwise_equal(name):
         second = forward_backward(BLOCKS[name], args, grad_out)
     for label, a, b in zip(("out",) + BLOCK_ARG_NAMES, first, second):
         assert torch.isfinite(a).all() and torch.equal(a, b), label
+
+
+@pytest.mark.gpu
+def test_relaxed_atomics_match_fp64_on_the_gpu():
+    """The atomic path (relaxed order) on real hardware: the block, forward and every gradient, against fp64."""
+    args = block_args(16, 32, 32, 512, torch.bfloat16, torch.device("cuda"))
+    with fcdm_kernels.use_deterministic(False), fcdm_kernels.use_backend("triton"):
+        assert_block_matches_fp64(fcdm_kernels.convnext_block, args, torch.bfloat16)

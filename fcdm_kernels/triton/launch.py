@@ -107,8 +107,8 @@ def dwconv_norm_config(channels: int, pixels: int, dtype: torch.dtype, device: t
 
 
 def dwconv_grad_config(channels: int, pixels: int, dtype: torch.dtype, device: torch.device) -> TileConfig:
-    """Input/weight backward of the depthwise conv: channel-blocked, with many pixels per program so the per-tile
-    partial sums of dW (49 x C floats per tile) stay small."""
+    """Input/weight backward of the depthwise conv: channel-blocked tiles of many pixels (a program walks several of
+    them, see dwconv_grad_tiles_per_program)."""
     if interpreting(device):
         block_c = _pow2(channels)
         return TileConfig(min(_pow2(pixels), max(1, 16384 // block_c)), block_c, 4)
@@ -125,7 +125,7 @@ PARTIAL_FRACTION = 8
 def partial_programs_allowed(row_bytes: int, activation_bytes: int) -> int:
     """How many programs may each hold a row of `row_bytes` fp32 partial sums at once: 1/PARTIAL_FRACTION of the
     activation's bytes, but never fewer than two programs per SM of an H100, since fewer would idle SMs (so at small
-    activations the rows may take more than that fraction: at most 264 rows, 6.3 MiB at C = 2048)."""
+    activations the rows may take more than that fraction: at most 264 rows, 6.2 MiB at C = 2048)."""
     return max(2 * H100_SMS, activation_bytes // (PARTIAL_FRACTION * row_bytes))
 
 
