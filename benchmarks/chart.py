@@ -18,7 +18,7 @@ from . import common
 from .providers import MODES, OPS, PROVIDERS
 
 COLORS = {"nchw": "#9e9e9e", "channels_last": "#616161", "compile": "#1f77b4", "triton": "#d62728", "cuda": "#2ca02c",
-          "triton_composed": "#ff7f0e"}
+          "triton_composed": "#ff7f0e", "triton_atomic": "#e377c2"}
 OTHER_COLOR = "#8c564b"  # a provider added later must not break the chart
 
 

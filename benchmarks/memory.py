@@ -15,6 +15,12 @@ the context and workspaces that live outside the allocator, so it should land at
 
 The same trace counts the bytes that the step's glue copies write (dtype casts, layout copies, concatenations,
 pixel shuffles): memory traffic outside the kernels, which bounds what fusing the glue could save.
+
+A trace sees each fused op's outputs only, not what its launcher allocates and frees inside (u between the GEMMs, the
+backward's intermediate gradients, fp32 partial sums). So each Triton op's transient memory is also reported per
+U-Net level, forward and backward: its launcher run on meta tensors with the configs it picks on CUDA and every kernel
+stubbed (fcdm_kernels.triton.dry_run), an exact count of the bytes it holds besides its inputs and outputs at its
+peak (written to transient.jsonl).
 """
 from __future__ import annotations
 
@@ -27,7 +33,7 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fcdm.models import FCDM_models
+from fcdm.models import FCDM_CONFIGS, FCDM_models
 from fcdm_kernels import dispatch
 
 from . import common
@@ -154,6 +160,40 @@ def prediction_row(variant: str, model_name: str, batch: int, res: int, grad_che
     return row
 
 
+def transient_rows(model_name: str, batch: int, res: int, env: dict) -> list[dict]:
+    """Per U-Net level of the model and per Triton op and pass (bf16, as trained): the bytes its launcher holds at its
+    peak besides its inputs and outputs ("workspace", its transient memory) and the bytes it returns, also as
+    multiples of the level's activation x (module docstring)."""
+    hidden, _ = FCDM_CONFIGS[model_name]
+    rows = []
+    for level in (1, 2, 3):
+        side, C = (res // 8) >> (level - 1), hidden << (level - 1)
+        base = dict(env, bench="transient", model=model_name, batch=batch, res=res, level=level, precision="bf16",
+                    shape=f"{batch}x{side}x{side}x{C}")
+        try:
+            from fcdm_kernels.triton.dry_run import dry_run, op_launchers
+            launchers = op_launchers(batch, side, side, C, torch.bfloat16)
+        except Exception as e:  # Triton missing: say so in the rows rather than lose the train-step predictions
+            rows.append(dict(base, op="all", status="n/a", reason=f"{type(e).__name__}: {e}"))
+            continue
+        x_bytes = batch * side * side * C * 2
+        for name, (launcher, args) in launchers.items():
+            op, phase = name.split()
+            report = dry_run(launcher, *args)
+            rows.append(dict(base, op=op, phase=phase, status="ok", reason="", x_gib=x_bytes / 2 ** 30,
+                             workspace_gib=report.workspace_bytes / 2 ** 30, outputs_gib=report.output_bytes / 2 ** 30,
+                             workspace_vs_x=report.workspace_bytes / x_bytes, launches=len(report.launches)))
+    return rows
+
+
+def format_transient_row(r: dict) -> str:
+    head = f"transient {r['model']:<8} B={r['batch']:<4} {r['res']:>4}px L{r['level']} {r['shape']:<16}"
+    if r["status"] != "ok":
+        return f"{head} n/a: {r['reason']}"
+    return (f"{head} {r['op']:<18} {r['phase']:<8} workspace {r['workspace_gib']:.4g} GiB = "
+            f"{r['workspace_vs_x']:.2f} x  outputs {r['outputs_gib']:.4g} GiB  ({r['launches']} launches)")
+
+
 def format_row(r: dict) -> str:
     head = f"train  {r['model']:<8} B={r['batch']:<4} {r['res']:>4}px {r['variant']:<10}"
     if r["status"] != "ok":
@@ -193,14 +233,20 @@ def main(argv=None) -> int:
     env = common.environment(torch.device("cpu"))
     print(f"# predicted from a fake-tensor trace (no GPU) | torch {env['torch']} | commit {env['commit']} | "
           f"run {env['run_id']}", flush=True)
-    rows = []
+    rows, transient = [], []
     for model_name, batch, res in cases:
         for variant in variants:
             rows.append(prediction_row(variant, model_name, batch, res, args.grad_checkpointing, env))
             print(format_row(rows[-1]), flush=True)
+    print("# each Triton op's transient memory (launcher on meta tensors, CUDA configs; x = the level's activation)")
+    for model_name, batch, res in cases:
+        for row in transient_rows(model_name, batch, res, env):
+            transient.append(row)
+            print(format_transient_row(row), flush=True)
     if not args.no_write:
         common.append_jsonl(Path(args.results_dir) / "memory.jsonl", rows)
-    return 0 if all(r["status"] == "ok" for r in rows) else 1
+        common.append_jsonl(Path(args.results_dir) / "transient.jsonl", transient)
+    return 0 if all(r["status"] == "ok" for r in rows + transient) else 1
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def quick_plan(device: torch.device) -> list[Job]:
         return [Job(OPS, tuple(c.name for c in TINY_CASES), ("fp32",), eager)]
     l256 = tuple(c.name for c in xl_cases((256,)))
     l512 = tuple(c.name for c in xl_cases((512,)))
-    return [Job(("block",), ("256px-L1",), ("bf16",), eager + ("triton_composed",)),
+    return [Job(("block",), ("256px-L1",), ("bf16",), eager + ("triton_composed", "triton_atomic")),
             Job(("dwconv_ln_modulate", "grn_mlp"), l256, ("bf16",), eager),
             Job(("block",), l256[1:] + l512, ("bf16",), eager),
             Job(("block",), ("256px-L1",), ("fp32",), eager),

@@ -22,14 +22,15 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from fcdm_kernels import dispatch, dwconv_ln_modulate, grn_mlp, use_backend
+from fcdm_kernels import dispatch, dwconv_ln_modulate, grn_mlp, use_backend, use_deterministic
 from fcdm.models.fcdm import ConvNeXtBlock
 from fcdm.models.official_layout import NCHWBlock, _layer_norm_over_channels
 
 OPS = ("dwconv_ln_modulate", "grn_mlp", "block")
 # triton_composed: the block as the two Triton ops (saving h and z) instead of the single convnext_block op, to
-# measure what the lean-saves block op gains or costs.
-PROVIDERS = ("nchw", "channels_last", "compile", "triton", "triton_composed", "cuda")
+# measure what the lean-saves block op gains or costs. triton runs the fixed-order (deterministic) reductions, the
+# default; triton_atomic the relaxed fp32 atomics instead, to measure what determinism costs.
+PROVIDERS = ("nchw", "channels_last", "compile", "triton", "triton_composed", "triton_atomic", "cuda")
 MODES = ("forward", "backward", "full")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # The fused kernels each op needs, as registered in fcdm_kernels.dispatch.
@@ -194,7 +195,8 @@ def fcdm_block_composed(block: ConvNeXtBlock, x, c):
 OFFICIAL_FN = {"dwconv_ln_modulate": official_dwconv_ln_modulate, "grn_mlp": official_grn_mlp,
                "block": official_block}
 FCDM_FN = {"dwconv_ln_modulate": fcdm_dwconv_ln_modulate, "grn_mlp": fcdm_grn_mlp, "block": fcdm_block}
-FCDM_BACKEND_OF = {"channels_last": "torch", "triton": "triton", "triton_composed": "triton", "cuda": "cuda"}
+FCDM_BACKEND_OF = {"channels_last": "torch", "triton": "triton", "triton_composed": "triton", "triton_atomic": "triton",
+                   "cuda": "cuda"}
 
 
 # ------------------------------------------------------------------------------------------------------- providers
@@ -206,6 +208,9 @@ class Runnable:
     forward: Callable[[], torch.Tensor]
     leaves: list[torch.Tensor]
     nchw_output: bool
+    # The fused kernels' reduction mode, whatever FCDM_DETERMINISTIC says; the backward runs outside forward(), so
+    # mode_callable sets it around everything it times.
+    deterministic: bool = True
 
     def output_nhwc(self) -> torch.Tensor:
         """A no-grad forward in NHWC layout, for comparing providers."""
@@ -229,6 +234,8 @@ def unavailable_reason(op: str, provider: str, device) -> str | None:
         raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
     if provider == "triton_composed" and op != "block":
         return "triton_composed differs from triton only for the whole block"
+    if provider == "triton_atomic" and op == "dwconv_ln_modulate":
+        return "dwconv_ln_modulate has no atomic reductions: triton_atomic would time triton again"
     if provider in ("nchw", "channels_last"):
         return None
     if device.type != "cuda":
@@ -289,10 +296,12 @@ def build(inputs: OpInputs, provider: str, requires_grad: bool = True) -> Runnab
         fn, backend = FCDM_FN[inputs.op], FCDM_BACKEND_OF[provider]
         if provider == "triton_composed":
             fn = fcdm_block_composed
+        deterministic = provider != "triton_atomic"
 
         def forward():
-            with use_backend(backend):
+            with use_backend(backend), use_deterministic(deterministic):
                 return fn(module, *acts)
+        return Runnable(provider, forward, acts + params, nchw, deterministic)
     return Runnable(provider, forward, acts + params, nchw)
 
 
@@ -310,12 +319,14 @@ def mode_callable(run: Runnable, mode: str, seed: int = 0) -> Callable[[], None]
     grad_out = torch.randn(out.shape, generator=gen, device=out.device, dtype=torch.float32).to(out.dtype)
     if mode == "backward":
         def timed():
-            out.backward(grad_out, retain_graph=True)
+            with use_deterministic(run.deterministic):
+                out.backward(grad_out, retain_graph=True)
         return timed
     del out
 
     def timed():
-        run.forward().backward(grad_out)
+        with use_deterministic(run.deterministic):
+            run.forward().backward(grad_out)
     return timed
 
 

@@ -38,6 +38,7 @@ constexpr int kStagedGroups = 8;           // 16-byte groups per thread of one s
 constexpr size_t kMaxHaloBytes = size_t{16} * kStagedGroups * kThreads;  // 32 KB: one chunk's halo tile
 constexpr int kGradChunk = 32;             // channels per block of the dx and dweight kernels
 constexpr int kGradRows = 8;               // 8 x 8 pixel tiles in the dx and dweight kernels
+constexpr int64_t kMaxGridX = 2147483647;  // CUDA's limit on grid.x; grid.y and grid.z stop at 65,535
 
 // ---------------------------------------------------------------------------------------------------------------------
 // Element types: fp32 math on every dtype; a "group" is the VEC elements of one 16-byte vector.
@@ -381,12 +382,14 @@ fused_forward_kernel(const T* __restrict__ x,             // (B, H, W, C)
                      const T* __restrict__ shift,         // (B, C)
                      const T* __restrict__ scale,         // (B, C)
                      T* __restrict__ h,                   // (B, H, W, C)
-                     int H, int W, int C, int Cpad, int TH, int CK, int tiles_w, float eps, bool vec) {
+                     int H, int W, int C, int Cpad, int TH, int CK, int tiles_w, int tiles_per_image, float eps,
+                     bool vec) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   constexpr int V = Elem<T>::VEC;
   const FusedSmem s = fused_smem(smem_raw, TH, CK, C, sizeof(T), false);
-  const int b = blockIdx.y;
-  const int y0 = (blockIdx.x / tiles_w) * TH, x0 = (blockIdx.x % tiles_w) * kTileW;
+  // The batch is folded into grid.x (up to 2^31 - 1 blocks): grid.y would cap it at 65,535.
+  const int b = blockIdx.x / tiles_per_image, tile = blockIdx.x % tiles_per_image;
+  const int y0 = (tile / tiles_w) * TH, x0 = (tile % tiles_w) * kTileW;
   conv_ln_tile<T>(s, x, weight_t, bias, b, y0, x0, H, W, C, Cpad, TH, CK, eps, vec);
 
   const int groups = (C + V - 1) / V;
@@ -421,7 +424,7 @@ fused_backward_kernel(const T* __restrict__ grad_h,        // (B, H, W, C)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   constexpr int V = Elem<T>::VEC;
   const FusedSmem s = fused_smem(smem_raw, TH, CK, C, sizeof(T), true);
-  const int b = blockIdx.y, tile = blockIdx.x;
+  const int b = blockIdx.x / tiles_per_image, tile = blockIdx.x % tiles_per_image;  // the batch folded into grid.x
   const int y0 = (tile / tiles_w) * TH, x0 = (tile % tiles_w) * kTileW;
   conv_ln_tile<T>(s, x, weight_t, bias, b, y0, x0, H, W, C, Cpad, TH, CK, eps, vec);
 
@@ -526,11 +529,13 @@ __global__ void __launch_bounds__(kThreads)
 input_grad_kernel(const float* __restrict__ dh0,       // (B, H, W, C) fp32
                   const float* __restrict__ weight_t,  // (49, Cpad) fp32
                   T* __restrict__ dx,                  // (B, H, W, C)
-                  int H, int W, int C, int Cpad, int tiles_w, bool vec) {
+                  int H, int W, int C, int Cpad, int tiles_w, int tiles_per_image, bool vec) {
   constexpr int CK = kGradChunk, TH = kGradRows;
   __shared__ __align__(16) float tile[(TH + 6) * kHaloW * CK];
-  const int b = blockIdx.z, c0 = blockIdx.y * CK;
-  const int y0 = (blockIdx.x / tiles_w) * TH, x0 = (blockIdx.x % tiles_w) * kTileW;
+  // The batch is folded into grid.x: grid.z would cap it at 65,535.
+  const int b = blockIdx.x / tiles_per_image, c0 = blockIdx.y * CK;
+  const int t = blockIdx.x % tiles_per_image;
+  const int y0 = (t / tiles_w) * TH, x0 = (t % tiles_w) * kTileW;
   load_tile<float>(tile, dh0, b, y0 - 3, x0 - 3, TH + 6, kHaloW, c0, CK, H, W, C, vec);
   __syncthreads();
   const int pairs = CK / 2;
@@ -670,7 +675,13 @@ DwconvPlan dwconv_plan(int B, int H, int W, int C, ElemType type, int device) {
                     "fcdm dwconv_ln_modulate (CUDA): C=", C, " needs ", plan.fused_smem_backward,
                     " bytes of shared memory per block but the device allows ", smem_optin,
                     "; use the triton or torch backend for this width");
-  const int grad_tiles = B * plan.tiles_w * ceil_div(H, kGradRows);
+  // The batch is folded into grid.x (CUDA's limit: 2^31 - 1 blocks) of the fused and dx kernels.
+  const int64_t fused_blocks = int64_t{B} * plan.tiles_per_image;
+  const int64_t dx_blocks = int64_t{B} * plan.tiles_w * ceil_div(H, kGradRows);
+  TORCH_CHECK_VALUE(std::max(fused_blocks, dx_blocks) <= kMaxGridX, "fcdm dwconv_ln_modulate (CUDA): B=", B, " at ", H,
+                    "x", W, " needs ", std::max(fused_blocks, dx_blocks), " blocks, above CUDA's grid limit of ",
+                    kMaxGridX, "; split the batch");
+  const int grad_tiles = static_cast<int>(dx_blocks);
   const int chunks = ceil_div(C, kGradChunk);
   plan.weight_splits = std::max(1, std::min(grad_tiles, ceil_div(4 * sms, chunks)));
   return plan;
@@ -685,11 +696,11 @@ void dwconv_ln_modulate_forward(ElemType type, const void* x, const void* weight
     launch_transpose_weight<T>(weight, weight_t, C, plan.padded_channels, stream);
     auto kernel = fused_forward_kernel<T>;
     set_dynamic_smem(reinterpret_cast<const void*>(kernel), plan.fused_smem_forward);
-    const dim3 grid(plan.tiles_per_image, B);
+    const dim3 grid(plan.tiles_per_image * B);
     kernel<<<grid, kThreads, plan.fused_smem_forward, stream>>>(
         static_cast<const T*>(x), weight_t, static_cast<const T*>(bias), static_cast<const T*>(shift),
         static_cast<const T*>(scale), static_cast<T*>(h), H, W, C, plan.padded_channels, plan.tile_rows,
-        plan.chunk_channels, plan.tiles_w, eps, vectorized);
+        plan.chunk_channels, plan.tiles_w, plan.tiles_per_image, eps, vectorized);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -706,7 +717,7 @@ void dwconv_ln_modulate_backward(ElemType type, const void* grad_h, const void* 
 
     auto fused = fused_backward_kernel<T>;
     set_dynamic_smem(reinterpret_cast<const void*>(fused), plan.fused_smem_backward);
-    fused<<<dim3(plan.tiles_per_image, B), kThreads, plan.fused_smem_backward, stream>>>(
+    fused<<<dim3(plan.tiles_per_image * B), kThreads, plan.fused_smem_backward, stream>>>(
         static_cast<const T*>(grad_h), static_cast<const T*>(x), weight_t, static_cast<const T*>(bias),
         static_cast<const T*>(scale), dh0, modulation_partial, B, H, W, C, plan.padded_channels, plan.tile_rows,
         plan.chunk_channels, plan.tiles_w, plan.tiles_per_image, eps, vectorized);
@@ -714,8 +725,8 @@ void dwconv_ln_modulate_backward(ElemType type, const void* grad_h, const void* 
 
     // The gradient kernels' 8 x 8 tiles share the fused kernels' 8-pixel columns (plan.tiles_w), not their rows.
     const int grad_tiles = plan.tiles_w * ceil_div(H, kGradRows);
-    input_grad_kernel<T><<<dim3(grad_tiles, ceil_div(C, kGradChunk), B), kThreads, 0, stream>>>(
-        dh0, weight_t, static_cast<T*>(dx), H, W, C, plan.padded_channels, plan.tiles_w, vec_dh0);
+    input_grad_kernel<T><<<dim3(grad_tiles * B, ceil_div(C, kGradChunk)), kThreads, 0, stream>>>(
+        dh0, weight_t, static_cast<T*>(dx), H, W, C, plan.padded_channels, plan.tiles_w, grad_tiles, vec_dh0);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
     weight_grad_kernel<T><<<dim3(ceil_div(C, kGradChunk), plan.weight_splits), kThreads, 0, stream>>>(

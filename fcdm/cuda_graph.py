@@ -12,12 +12,14 @@ memory pool) calls run eagerly, with one warning.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Callable
 
 import torch
 
 from fcdm_kernels import dispatch
+from fcdm_kernels.determinism import deterministic
 
 
 def _require_cuda(device: torch.device) -> None:
@@ -25,20 +27,34 @@ def _require_cuda(device: torch.device) -> None:
         raise ValueError(f"CUDA graphs need the model on a CUDA device, it is on {device}")
 
 
+def _current(device: torch.device):
+    """Make `device` the current CUDA device (nothing to do for the CPU models of the tests' stand-in capture)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _capture_cuda_graph(fn: Callable[[], torch.Tensor], device: torch.device,
                         warmup: int) -> tuple[Callable[[], None], torch.Tensor]:
     """(replay, output): `fn` captured into a CUDA graph after `warmup` calls on a side stream, as torch.cuda.graph
-    requires; `replay()` recomputes `output` in place from the tensors `fn` reads."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        output = fn()
-    return graph.replay, output
+    requires; `replay()` recomputes `output` in place from the tensors `fn` reads.
+
+    Everything runs under `device` and the capture stream is one of its streams: kernels launched on another device's
+    stream (a launcher that switches to its tensors' device) would run outside the graph, and every replay would
+    return the capture run's output."""
+    with torch.cuda.device(device):
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=torch.cuda.Stream(device)):
+            output = fn()
+
+    def replay() -> None:
+        with torch.cuda.device(device):
+            graph.replay()
+    return replay, output
 
 
 class GraphedForward:
@@ -68,9 +84,10 @@ class GraphedForward:
 
     def _signature(self, inputs) -> tuple:
         autocast = (torch.is_autocast_enabled(self.device.type), torch.get_autocast_dtype(self.device.type))
-        # The fused-op backend too: a graph replays the kernels it recorded, whatever is selected later.
-        return tuple((tuple(a.shape), a.dtype, a.device) for a in inputs) + (autocast, self.model.training,
-                                                                             dispatch.get_backend())
+        # The fused-op backend and the reduction mode too: a graph replays the kernels it recorded, whatever is
+        # selected later.
+        return tuple((tuple(a.shape), a.dtype, a.device) for a in inputs) + (
+            autocast, self.model.training, dispatch.get_backend(), deterministic())
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():
@@ -98,10 +115,11 @@ class GraphedForward:
                 replay, output = _capture_cuda_graph(lambda: self.model(*static), self.device, self.warmup)
             entry = self._graphs[key] = (static, replay, output)
         static, replay, output = entry
-        for buffer, a in zip(static, inputs):
-            buffer.copy_(a)
-        replay()
-        return output.clone()
+        with _current(self.device):  # the copies, the replay and the clone on one stream of the model's GPU
+            for buffer, a in zip(static, inputs):
+                buffer.copy_(a)
+            replay()
+            return output.clone()
 
 
 __all__ = ["GraphedForward"]

@@ -185,9 +185,9 @@ from fcdm_kernels.triton.compile_check import _resource_usage
 A, F = "*bf16", "*fp32"
 kernels = [
     (block._dw2_dgate_kernel, dict(G=A, US=A, GATE=A, W2=A, PART_W=F, DGATE=F),
-     dict(DOT_FP32=False, BLOCK_C=128, BLOCK_J=128, BLOCK_P=64), dict(num_warps=8, num_stages=3)),
+     dict(DOT_FP32=False, ATOMIC=False, BLOCK_C=128, BLOCK_J=128, BLOCK_P=64), dict(num_warps=8, num_stages=3)),
     (grn_mlp._gate_bwd_kernel, dict(G=A, Z=A, GATE=A, DZ=A, SUM_B=F, DB2=F),
-     dict(WITH_Z=False, AT_MOST_TWO_SAMPLES=True, BLOCK_M=32, BLOCK_N=256), dict(num_warps=8)),
+     dict(WITH_Z=False, AT_MOST_TWO_SAMPLES=True, ATOMIC=False, BLOCK_M=32, BLOCK_N=256), dict(num_warps=8)),
 ]
 failed = 0
 for fn, ptrs, consts, opts in kernels:

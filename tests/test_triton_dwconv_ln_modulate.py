@@ -42,10 +42,10 @@ def make_args(B, H, W, C, dtype, device):
     return [a.to(device=device, dtype=dtype).requires_grad_() for a in args]
 
 
-def check_against_fp64(args, device):
+def check_against_fp64(args, device, backend="triton"):
     """Forward and the gradients of all five inputs vs the reference run in fp64 on the same (rounded) inputs."""
     tol = REL_TOL[args[0].dtype]
-    with runs_on("triton", "dwconv_ln_modulate"):
+    with runs_on(backend, "dwconv_ln_modulate"):
         out = fcdm_kernels.dwconv_ln_modulate(*args)
     grad_out = torch.randn_like(out)
     grads = torch.autograd.grad(out, args, grad_out)

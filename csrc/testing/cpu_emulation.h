@@ -8,6 +8,9 @@
 // shuffles exchange through a per-warp buffer with a barrier over the warp, so the kernels' indexing, tiling,
 // synchronisation and reductions run exactly as written (a missing __syncthreads shows up as a data race would: wrong
 // values). Dynamic shared memory starts as NaN in every block. Blocks run one after another.
+// Every launch is checked against CUDA's grid limits (2^31 - 1 blocks on x, 65,535 on y and z); in a dry run
+// (emu_set_dry_run) launches are only checked, not run, so the host code can be tested at batches far too large to
+// emulate.
 #pragma once
 
 #include <algorithm>
@@ -92,6 +95,7 @@ inline std::function<void()> body;
 inline unsigned block_arrived = 0, block_phase = 0;
 inline std::vector<unsigned> warp_arrived, warp_phase;
 inline std::vector<float> warp_slots;
+inline bool dry_run = false;
 
 inline void yield() { swapcontext(&current->context, &scheduler); }
 
@@ -130,6 +134,10 @@ template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t, Args... args) {
   const unsigned threads = block.x * block.y * block.z;
   TORCH_CHECK(block.y == 1 && block.z == 1 && threads % 32 == 0, "emulation supports 1-D blocks of whole warps");
+  TORCH_CHECK(grid.x >= 1 && grid.y >= 1 && grid.z >= 1 && grid.x <= 2147483647u && grid.y <= 65535 &&
+                  grid.z <= 65535,
+              "grid (", grid.x, ", ", grid.y, ", ", grid.z, ") exceeds CUDA's limits (2^31 - 1, 65535, 65535)");
+  if (dry_run) return;
   grid_dim = grid;
   block_dim = block;
   body = [&] { kernel(args...); };
@@ -168,6 +176,21 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes,
 }
 
 }  // namespace emu
+
+// Test hooks, callable through ctypes.
+extern "C" void emu_set_dry_run(int on) { emu::dry_run = on != 0; }
+extern "C" int emu_grid_accepted(unsigned x, unsigned y, unsigned z) {
+  const bool was = emu::dry_run;
+  emu::dry_run = true;
+  int accepted = 1;
+  try {
+    emu::launch(+[] {}, dim3(x, y, z), dim3(32), 0, nullptr);
+  } catch (const std::exception&) {
+    accepted = 0;
+  }
+  emu::dry_run = was;
+  return accepted;
+}
 
 #define threadIdx (emu::current->thread_idx)
 #define blockIdx (emu::block_idx)

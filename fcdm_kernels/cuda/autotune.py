@@ -3,7 +3,9 @@
 The first call per (GPU, dtype, B, H, W, C, torch version) times forward + backward of each available backend on scratch
 tensors and stores the winner in a JSON file (FCDM_AUTOTUNE_CACHE, default ~/.cache/fcdm/autotune.json), so later
 processes skip the measurement. FCDM_AUTOTUNE=0 turns measuring off (then Triton is tried first, as without this
-module). Nothing is measured while torch.compile traces or a CUDA graph is being captured.
+module). While torch.compile traces, nothing is read, queried or measured (an order an eager call measured is reused);
+while a CUDA graph is being captured nothing is measured. Measurements run on the activations' device, whichever is
+current.
 """
 from __future__ import annotations
 
@@ -60,61 +62,88 @@ def write_cache(path: Path, key: str, timings: dict[str, float]) -> None:
     os.replace(tmp, path)
 
 
-def _time_backend(backend: str, inputs: tuple, grad: torch.Tensor, reps: int = 5) -> float:
-    """Median milliseconds of forward + backward of one backend."""
-    from fcdm_kernels.ops import dwconv_ln_modulate
-
-    def step():
-        for t in inputs:
-            t.grad = None
-        with dispatch.use_backend(backend):
-            dwconv_ln_modulate(*inputs).backward(grad)
-
-    for _ in range(2):  # compile / warm up
-        step()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+def _time_backend(step, device: torch.device, reps: int = 5) -> float:
+    """Median milliseconds of `step()` on `device`: run under that device, timed by events on its current stream
+    (events on another device's stream would time nothing of this work)."""
+    with torch.cuda.device(device):
+        stream = torch.cuda.current_stream(device)
+        for _ in range(2):  # compile / warm up
+            step()
+        times = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            step()
+            end.record(stream)
+            end.synchronize()
+            times.append(start.elapsed_time(end))
     return sorted(times)[len(times) // 2]
 
 
-def measure(x: torch.Tensor) -> dict[str, float]:
-    """Time every available candidate on random tensors shaped like x."""
-    B, _, _, C = x.shape
-    with torch.inference_mode(False), torch.enable_grad():
-        def rand(*shape, s=1.0):
-            return (torch.randn(*shape, device=x.device, dtype=torch.float32) * s).to(x.dtype).requires_grad_()
-        inputs = (rand(*x.shape), rand(C, 7, 7, s=0.1), rand(C, s=0.1), rand(B, C, s=0.5), rand(B, C, s=0.5))
-        grad = torch.randn(x.shape, device=x.device, dtype=x.dtype)
-        return {b: _time_backend(b, inputs, grad) for b in CANDIDATES
-                if dispatch.unavailable_reason(OP, b, x.device) is None}
+def measure(device: torch.device, dtype: torch.dtype, shape: tuple) -> dict[str, float]:
+    """Time forward + backward of every available candidate on random (B, H, W, C) activations, on `device`."""
+    from fcdm_kernels.ops import dwconv_ln_modulate
+
+    B, _, _, C = shape
+    with torch.inference_mode(False), torch.enable_grad(), torch.cuda.device(device):
+        def rand(*size, s=1.0):
+            return (torch.randn(*size, device=device, dtype=torch.float32) * s).to(dtype).requires_grad_()
+        inputs = (rand(*shape), rand(C, 7, 7, s=0.1), rand(C, s=0.1), rand(B, C, s=0.5), rand(B, C, s=0.5))
+        grad = torch.randn(shape, device=device, dtype=dtype)
+
+        def step_of(backend):
+            def step():
+                for t in inputs:
+                    t.grad = None
+                with dispatch.use_backend(backend):
+                    dwconv_ln_modulate(*inputs).backward(grad)
+            return step
+        return {b: _time_backend(step_of(b), device) for b in CANDIDATES
+                if dispatch.unavailable_reason(OP, b, device) is None}
+
+
+_DEVICE_NAMES: dict[int, str] = {}
+
+
+def _device_name(device: torch.device) -> str:
+    if device.index not in _DEVICE_NAMES:
+        _DEVICE_NAMES[device.index] = torch.cuda.get_device_name(device)
+    return _DEVICE_NAMES[device.index]
+
+
+def _capturing(device: torch.device) -> bool:
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
 
 
 def preference(x: torch.Tensor) -> tuple[str, ...]:
     """The chooser handed to dispatch.set_auto_preference: backend order for `auto` on activations x."""
-    if x.device.type != "cuda":
+    return order_for(x.device, x.dtype, tuple(x.shape))
+
+
+def order_for(device: torch.device, dtype: torch.dtype, shape: tuple) -> tuple[str, ...]:
+    """Backend order for activations of this shape on `device`: remembered, cached on disk, or measured there."""
+    if device.type != "cuda":
         return DEFAULT_ORDER
-    fast_key = (x.device.index, x.dtype, tuple(x.shape))
+    fast_key = (device.index, dtype, shape)
+    if torch.compiler.is_compiling():
+        # While torch.compile traces: no file, device query or timing (each a graph break or worse); an order that an
+        # eager call measured is reused.
+        return _memory.get(fast_key, DEFAULT_ORDER)
     if fast_key in _memory:
         return _memory[fast_key]
-    key = shape_key(torch.cuda.get_device_name(x.device), x.dtype, tuple(x.shape))
+    key = shape_key(_device_name(device), dtype, shape)
     entry = read_cache(cache_path()).get(key)
     if isinstance(entry, dict) and isinstance(entry.get("order"), list):
         _memory[fast_key] = tuple(b for b in entry["order"] if b in CANDIDATES)
         return _memory[fast_key]
-    if (os.environ.get("FCDM_AUTOTUNE") == "0" or torch.compiler.is_compiling()
-            or torch.cuda.is_current_stream_capturing()):
+    if os.environ.get("FCDM_AUTOTUNE") == "0" or _capturing(device):
         return DEFAULT_ORDER
     try:
-        timings = measure(x)
+        timings = measure(device, dtype, shape)
     except Exception as e:  # a failed measurement must never break the forward pass that triggered it
-        warnings.warn(f"fcdm: timing dwconv_ln_modulate backends for {tuple(x.shape)} failed ({e}); "
-                      f"using {DEFAULT_ORDER}", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"fcdm: timing dwconv_ln_modulate backends for {shape} failed ({e}); "
+                      f"using {DEFAULT_ORDER}", RuntimeWarning, stacklevel=3)
         _memory[fast_key] = DEFAULT_ORDER
         return DEFAULT_ORDER
     _memory[fast_key] = order_from_timings(timings)

@@ -5,8 +5,8 @@ saves x and pre (2 C + 6 C) plus per-sample vectors, and in its backward
 * recomputes h from x with the dwconv_ln_modulate forward kernel (memory-bound: reads x, writes h), and
 * never needs z: dgate[b, c] = sum_p g z = sum_k M_b[c, k] W2[c, k] + fbias[c] sum_p g[b, p, c], with
   M_b = g_b^T (u s)_b, the per-sample slice of the dW2 product. One Triton GEMM accumulates M_b tile by tile, adds
-  gate[b] * M_b into dW2 and reduces M_b * W2 into dgate at the end of each sample, so dgate costs no extra tensor-core
-  FLOPs, and neither z nor the (B, C, J) stack of M_b is ever stored. (dW2 = sum_b gate[b] M_b + db2 beta^T: the
+  gate[b] * M_b into dW2 and reduces M_b * W2 into dgate (one partial per J tile) at the end of each sample, so dgate
+  costs no extra tensor-core FLOPs, and neither z nor the (B, C, J) stack of M_b is ever stored. (dW2 = sum_b gate[b] M_b + db2 beta^T: the
   folded bias W2 beta + b2 depends on W2 as well.)
 
 Everything else reuses the kernels of dwconv_ln_modulate.py and grn_mlp.py (maths in fcdm_kernels/reference.py).
@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..determinism import deterministic
 from ..reference import LN_EPS
 from . import grn_mlp as mlp
 from . import launch
@@ -32,17 +33,19 @@ def _dw2_dgate_kernel(
     GATE,    # (B, C)
     W2,      # (C, J) pwconv2 weight
     PART_W,  # (n_splits, C, J) fp32 out: sum over this split's samples of gate[b] * M_b
-    DGATE,   # (B, C) fp32, zero-initialised: sum over j of M_b * W2 (the z-part of dgate)
+    DGATE,   # sum over j of M_b * W2 (the z-part of dgate): (B, C) fp32 zeros when ATOMIC, else (J tiles, B, C)
+             # partial sums, one per J tile
     C, J, P, samples_per_split, B,
-    DOT_FP32: tl.constexpr,
+    DOT_FP32: tl.constexpr, ATOMIC: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     # M_b[c, j] = sum_p g[b, p, c] us[b, p, j] lives only in this tile's accumulator, one sample at a time.
     pid_cj = tl.program_id(0)
     split = tl.program_id(1)
     num_j = tl.cdiv(J, BLOCK_J)
+    pid_j = pid_cj % num_j
     cs = (pid_cj // num_j) * BLOCK_C + tl.arange(0, BLOCK_C)
-    js = (pid_cj % num_j) * BLOCK_J + tl.arange(0, BLOCK_J)
+    js = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
     c_mask = cs < C
     j_mask = js < J
     cj_mask = c_mask[:, None] & j_mask[None, :]
@@ -69,7 +72,11 @@ def _dw2_dgate_kernel(
                 m = tl.dot(gt, us, m)
         gate = tl.load(GATE + b * C + cs, mask=c_mask, other=0.0).to(tl.float32)
         acc_w += gate[:, None] * m
-        tl.atomic_add(DGATE + b * C + cs, tl.sum(m * w2.to(tl.float32), axis=1), mask=c_mask)
+        dgate = tl.sum(m * w2.to(tl.float32), axis=1)
+        if ATOMIC:
+            tl.atomic_add(DGATE + b * C + cs, dgate, mask=c_mask, sem="relaxed")
+        else:
+            tl.store(DGATE + (pid_j * B + b).to(tl.int64) * C + cs, dgate, mask=c_mask)
     tl.store(PART_W + (split.to(tl.int64) * C + cs[:, None]) * J + js[None, :], acc_w, mask=cj_mask)
 
 
@@ -86,10 +93,13 @@ def dw2_dgate(g2, us, gate, w2, P):
     per_split = triton.cdiv(B, splits)
     splits = triton.cdiv(B, per_split)
     part_w = launch.empty((splits, C, J), torch.float32, dev)
-    dgate = torch.zeros((B, C), dtype=torch.float32, device=dev)
-    _dw2_dgate_kernel[(tiles, splits)](g2, us, gate, w2, part_w, dgate, C, J, P, per_split, B,
-                                       DOT_FP32=launch.dot_in_fp32(g2.dtype, dev), **meta)
-    return part_w.sum(0) if splits > 1 else part_w[0], dgate
+    atomic = not deterministic()
+    # Each J tile adds its share of dgate[b, c]: as a column sum over the J tiles of (B * C) values.
+    dgate = mlp.ProgramSums(B * C, triton.cdiv(J, meta["BLOCK_J"]), 1, dev, atomic)
+    _dw2_dgate_kernel[launch.checked_grid(tiles, splits)](g2, us, gate, w2, part_w, dgate.buffer, C, J, P, per_split,
+                                                          B, DOT_FP32=launch.dot_in_fp32(g2.dtype, dev),
+                                                          ATOMIC=atomic, **meta)
+    return part_w.sum(0) if splits > 1 else part_w[0], dgate.result().view(B, C)
 
 
 def convnext_block_forward(x, shift, scale, gate, dw_weight, dw_bias, w1, b1, gamma, beta, w2, b2, save: bool):

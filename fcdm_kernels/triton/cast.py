@@ -9,7 +9,10 @@ import os
 import triton
 import triton.language as tl
 
-INTERPRETER_ROUNDING = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+# Whether @triton.jit built interpreted functions: it decides when each kernel module is imported, so this is read
+# once, at import, too (launch.py follows it, whatever device the tensors are on).
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRETER_ROUNDING = tl.constexpr(INTERPRETED)
 
 
 @triton.jit

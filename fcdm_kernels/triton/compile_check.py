@@ -44,6 +44,11 @@ _GEMMS = {  # op name in launch.gemm_candidates -> (kernel, pointer dtypes (fill
 }
 
 
+# Kernels that sum across programs come in two variants: per-tile partials (deterministic) and relaxed atomics.
+_ATOMIC_VARIANTS = {"gemm1": ({"ATOMIC": False}, {"ATOMIC": True}), "gemm2": ({},),
+                    "dy_stats": ({"ATOMIC": False}, {"ATOMIC": True}), "dy_gelu": ({"ATOMIC": False}, {"ATOMIC": True})}
+
+
 def _kernels(dtype: str, channels: int, pixels: int, all_candidates: bool):
     """(kernel, pointer dtypes, constexprs, launch options, is_default) for each launch at one level's shape, with the
     configs launch.py chooses on a CUDA device."""
@@ -57,9 +62,11 @@ def _kernels(dtype: str, channels: int, pixels: int, all_candidates: bool):
     tiles = dict(BLOCK_P=tile.block_p, BLOCK_C=tile.block_c, EVEN_C=tile.block_c == C)
     out.append((dw._dwconv_ln_modulate_fwd_kernel, dict(X=A, WT=A, BIAS=A, SHIFT=A, SCALE=A, OUT=A, eps="fp32"),
                 tiles, dict(num_warps=tile.num_warps), True))
-    out.append((dw._dwconv_ln_modulate_bwd_norm_kernel, dict(X=A, WT=A, BIAS=A, SCALE=A, DH=A, DH0=A, PART_SHIFT=F,
-                                                             PART_SCALE=F, PART_BIAS=F, eps="fp32"),
-                tiles, dict(num_warps=tile.num_warps), True))
+    norm = launch.dwconv_norm_config(C, P, tdtype, cuda)
+    out.append((dw._dwconv_ln_modulate_bwd_norm_kernel, dict(X=A, WT=A, BIAS=A, SCALE=A, DH=A, DH0=A, PART=F,
+                                                             eps="fp32"),
+                dict(BLOCK_P=norm.block_p, BLOCK_C=norm.block_c, EVEN_C=norm.block_c == C),
+                dict(num_warps=norm.num_warps), True))
     grad = launch.dwconv_grad_config(C, P, tdtype, cuda)
     # With the block's residual add: a superset of the plain op's variant.
     out.append((dw._dwconv_bwd_input_weight_kernel, dict(X=A, DH0=A, WT=A, RES=A, DX=A, PART_W=F),
@@ -75,12 +82,16 @@ def _kernels(dtype: str, channels: int, pixels: int, all_candidates: bool):
             if op != "gemm1":
                 constexprs["AT_MOST_TWO_SAMPLES"] = cfg.block_m <= P
             pointers = {**{name: A for name in act_ptrs}, **{name: F for name in fp32_ptrs}}
-            out.append((fn, pointers, constexprs, options, i == 0))
+            for atomic in _ATOMIC_VARIANTS[op]:
+                out.append((fn, pointers, dict(constexprs, **atomic), options, i == 0))
     rows = launch.rows_config(C, cuda)
     for with_z in (True, False):
-        out.append((mlp._gate_bwd_kernel, dict(G=A, Z=A, GATE=A, DZ=A, SUM_B=F, DB2=F),
-                    dict(WITH_Z=with_z, AT_MOST_TWO_SAMPLES=rows.block_p <= P, BLOCK_M=rows.block_p,
-                         BLOCK_N=rows.block_c), dict(num_warps=rows.num_warps), True))
+        for atomic in (False, True):
+            out.append((mlp._gate_bwd_kernel, dict(G=A, Z=A, GATE=A, DZ=A, SUM_B=F, DB2=F),
+                        dict(WITH_Z=with_z, AT_MOST_TWO_SAMPLES=rows.block_p <= P, ATOMIC=atomic,
+                             BLOCK_M=rows.block_p, BLOCK_N=rows.block_c), dict(num_warps=rows.num_warps), True))
+    out.append((mlp._per_sample_sum_kernel, dict(PART=F, OUT=F), dict(BLOCK_N=launch.sum_block(J, cuda)),
+                dict(num_warps=4), True))
     vec = launch.vector_block(J, cuda)
     out.append((mlp._grn_scale_kernel, dict(SS=F, GAMMA=A, S=F, eps="fp32"), dict(BLOCK_J=vec), dict(num_warps=4),
                 True))
@@ -88,8 +99,9 @@ def _kernels(dtype: str, channels: int, pixels: int, all_candidates: bool):
                 dict(BLOCK_J=vec), dict(num_warps=4), True))
     meta = launch.dw2_dgate_config(C, J, P, tdtype, cuda)
     options = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages"))
-    out.append((blk._dw2_dgate_kernel, dict(G=A, US=A, GATE=A, W2=A, PART_W=F, DGATE=F),
-                dict(DOT_FP32=fp32, **meta), options, True))
+    for atomic in (False, True):
+        out.append((blk._dw2_dgate_kernel, dict(G=A, US=A, GATE=A, W2=A, PART_W=F, DGATE=F),
+                    dict(DOT_FP32=fp32, ATOMIC=atomic, **meta), options, True))
     return out
 
 
@@ -115,7 +127,8 @@ def spill_bytes(usage: str) -> int:
 def _describe(constexprs: dict, options: dict) -> str:
     keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_P", "BLOCK_C", "BLOCK_J")
     tile = "x".join(str(constexprs[k]) for k in keys if k in constexprs)
-    return f"{tile} w{options.get('num_warps', 4)}" + (f"s{options['num_stages']}" if "num_stages" in options else "")
+    return f"{tile} w{options.get('num_warps', 4)}" + (f"s{options['num_stages']}" if "num_stages" in options else "") \
+        + (" atomic" if constexprs.get("ATOMIC") else "")
 
 
 def compile_all(arch: int, dtype: str, levels=LEVELS, all_candidates: bool = False,
@@ -134,7 +147,7 @@ def compile_all(arch: int, dtype: str, levels=LEVELS, all_candidates: bool = Fal
                          for name in fn.arg_names}
             attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
                      if signature[name].startswith("*") or name in _DIVISIBLE}
-            label = f"{fn.__name__:36s} C={channels:<5d}{_describe(constexprs, options):22s}"
+            label = f"{fn.__name__:36s} C={channels:<5d}{_describe(constexprs, options):29s}"
             try:
                 kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options)
             except Exception as e:  # report every kernel, not just the first failure

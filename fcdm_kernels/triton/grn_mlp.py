@@ -1,9 +1,11 @@
 """Triton pointwise MLP with GRN folded in: out = x + gate * (GRN(GELU(h W1^T + b1)) W2^T + b2), forward and backward.
 
 Design: GRN is a per-(sample, channel) scale plus a bias, GRN(u) = u * s[b] + beta (docs/kernels.md), so no GRN
-output is ever stored. GEMM1's epilogue applies bias + exact GELU, stores u and adds sum_p u^2 into ss[b, j] with one fp32
-atomic per (tile, sample, column); a tile may straddle samples (B*H*W is tiled flat), so its rows are split by sample.
-A tiny kernel turns ss into s[b, j]. GEMM2 scales its A tile by s[b, k] as it loads it and adds the folded bias
+output is ever stored. GEMM1's epilogue applies bias + exact GELU, stores u and sums u^2 per (tile, sample, column); a
+tile may straddle samples (B*H*W is tiled flat), so its rows are split by sample. Every sum across programs (ss here,
+dgate, db2, the GRN backward's A, db1) is either written as per-tile partial sums that a second pass reduces in a fixed
+order (deterministic, the default; fcdm_kernels.determinism) or added with relaxed fp32 atomics. A tiny kernel turns
+ss into s[b, j]. GEMM2 scales its A tile by s[b, k] as it loads it and adds the folded bias
 W2 beta + b2, multiplies by gate[b] and adds the residual in its epilogue.
 
 The backward saves pre (the GELU input, J per pixel), z (the block branch before the gate, C per pixel), h (an input)
@@ -20,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..determinism import deterministic
 from ..reference import GRN_EPS
 from . import launch
 from .cast import round_to
@@ -36,13 +39,47 @@ def _gelu(pre):
 
 
 @triton.jit
-def _add_per_sample(ACC, vals, rows, row_start, row_end, cols, col_mask, P, N):
-    """ACC[b, col] += sum over this tile's rows of sample b of vals, for every sample the tile touches."""
+def _add_per_sample(ACC, vals, tile, rows, row_start, row_end, cols, col_mask, P, N, ATOMIC: tl.constexpr):
+    """For every sample b that row tile `tile` touches, the sum of vals over the tile's rows of b: added into ACC[b, col]
+    with relaxed atomics (ATOMIC), or stored into row tile + b of ACC, a (tiles + B - 1, N) table of partial sums that
+    _per_sample_sum_kernel reduces. tile + b grows strictly along the rows, so no two (tile, sample) pairs share a row."""
     b_lo = row_start // P
     b_hi = (row_end - 1) // P
     for b in range(b_lo, b_hi + 1):
         part = tl.sum(tl.where((rows // P == b)[:, None], vals, 0.0), axis=0)
-        tl.atomic_add(ACC + b * N + cols, part, mask=col_mask)
+        if ATOMIC:
+            tl.atomic_add(ACC + b * N + cols, part, mask=col_mask, sem="relaxed")
+        else:
+            tl.store(ACC + (tile + b).to(tl.int64) * N + cols, part, mask=col_mask)
+
+
+@triton.jit
+def _add_columns(ACC, part, tile, cols, col_mask, N, ATOMIC: tl.constexpr):
+    """A row tile's column sums `part`: added into ACC (N,) with relaxed atomics (ATOMIC), or stored as row `tile` of
+    ACC (tiles, N), which torch sums over its rows."""
+    if ATOMIC:
+        tl.atomic_add(ACC + cols, part, mask=col_mask, sem="relaxed")
+    else:
+        tl.store(ACC + tile.to(tl.int64) * N + cols, part, mask=col_mask)
+
+
+@triton.jit
+def _per_sample_sum_kernel(
+    PART,    # (tiles + B - 1, N) fp32: row tile + b holds row tile `tile`'s sum over its rows of sample b
+    OUT,     # (B, N) fp32 out: the sum over sample b's rows
+    P, TILE_ROWS, N,
+    BLOCK_N: tl.constexpr,
+):
+    # Sample b's rows b*P .. (b+1)*P - 1 lie in row tiles first .. last, added in that order whatever ran first.
+    b = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = cols < N
+    first = (b * P) // TILE_ROWS
+    last = ((b + 1) * P - 1) // TILE_ROWS
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for tile in range(first, last + 1):
+        acc += tl.load(PART + (tile + b) * N + cols, mask=mask, other=0.0)
+    tl.store(OUT + b * N + cols, acc, mask=mask)
 
 
 @triton.jit
@@ -115,9 +152,9 @@ def _gemm1_gelu_kernel(
     B1,      # (N,) pwconv1 bias
     U,       # (M, N) out: GELU(pre)
     PRE,     # (M, N) out: pre, written when SAVE_PRE
-    SS,      # (B, N) fp32, zero-initialised: sum over pixels of u^2
+    SS,      # sum over pixels of u^2: (B, N) fp32 zeros when ATOMIC, else per-tile partials (_add_per_sample)
     M, N, K, P,
-    SAVE_PRE: tl.constexpr, DOT_FP32: tl.constexpr,
+    SAVE_PRE: tl.constexpr, DOT_FP32: tl.constexpr, ATOMIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     row_start, row_end, row0, rows, cols, row_mask, col_mask = _gemm_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -135,7 +172,7 @@ def _gemm1_gelu_kernel(
         tl.store(PRE + row0 * N + out, round_to(pre, PRE.dtype.element_ty), mask=mask)
     u = u.to(tl.float32)
     u2 = tl.where(mask, u * u, 0.0)
-    _add_per_sample(SS, u2, rows, row_start, row_end, cols, col_mask, P, N)
+    _add_per_sample(SS, u2, row_start // BLOCK_M, rows, row_start, row_end, cols, col_mask, P, N, ATOMIC)
 
 
 @triton.jit
@@ -205,10 +242,10 @@ def _gate_bwd_kernel(
     Z,       # (M, N) saved z, read when WITH_Z (else unused)
     GATE,    # (B, N)
     DZ,      # (M, N) out: g * gate
-    SUM_B,   # (B, N) fp32, zero-initialised: sum over pixels of g * z when WITH_Z, else of g
-    DB2,     # (N,) fp32, zero-initialised: sum over all rows of dz
+    SUM_B,   # sum over pixels of g * z when WITH_Z, else of g: (B, N) fp32 zeros when ATOMIC, else partials
+    DB2,     # sum over all rows of dz: (N,) fp32 zeros when ATOMIC, else (row tiles, N) partials
     M, N, P,
-    WITH_Z: tl.constexpr, AT_MOST_TWO_SAMPLES: tl.constexpr,
+    WITH_Z: tl.constexpr, AT_MOST_TWO_SAMPLES: tl.constexpr, ATOMIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Without z (the whole-block op) dgate's bias part needs sum_p g; its z part comes from the dW2 GEMM.
@@ -225,12 +262,13 @@ def _gate_bwd_kernel(
     gate = _per_sample_tile(GATE, rows, row_start, row_end, cols, col_mask, P, N, AT_MOST_TWO_SAMPLES)
     dz = g * gate
     tl.store(DZ + row0 * N + idx, round_to(dz, DZ.dtype.element_ty), mask=mask)
-    tl.atomic_add(DB2 + cols, tl.sum(dz, axis=0), mask=col_mask)
+    tile = tl.program_id(0)
+    _add_columns(DB2, tl.sum(dz, axis=0), tile, cols, col_mask, N, ATOMIC)
     if WITH_Z:
         z = tl.load(Z + row0 * N + idx, mask=mask, other=0.0).to(tl.float32)
-        _add_per_sample(SUM_B, g * z, rows, row_start, row_end, cols, col_mask, P, N)
+        _add_per_sample(SUM_B, g * z, tile, rows, row_start, row_end, cols, col_mask, P, N, ATOMIC)
     else:
-        _add_per_sample(SUM_B, g, rows, row_start, row_end, cols, col_mask, P, N)
+        _add_per_sample(SUM_B, g, tile, rows, row_start, row_end, cols, col_mask, P, N, ATOMIC)
 
 
 @triton.jit
@@ -240,9 +278,9 @@ def _dy_grn_stats_kernel(
     PRE,     # (M, N) saved GELU input, N = J
     S,       # (B, N) fp32 GRN scale
     US,      # (M, N) out: u * s (GEMM2's A operand, for dW2)
-    A_SUM,   # (B, N) fp32, zero-initialised: sum over pixels of dy * u
+    A_SUM,   # sum over pixels of dy * u: (B, N) fp32 zeros when ATOMIC, else per-tile partials
     M, N, K, P,
-    DOT_FP32: tl.constexpr, AT_MOST_TWO_SAMPLES: tl.constexpr,
+    DOT_FP32: tl.constexpr, AT_MOST_TWO_SAMPLES: tl.constexpr, ATOMIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # dy stays in fp32 registers: it is recomputed by _dy_gelu_bwd_kernel rather than stored and read twice. The two
@@ -257,7 +295,8 @@ def _dy_grn_stats_kernel(
     u = _gelu(tl.load(PRE + row0 * N + idx, mask=mask, other=0.0).to(tl.float32))
     s = _per_sample_tile(S, rows, row_start, row_end, cols, col_mask, P, N, AT_MOST_TWO_SAMPLES)
     tl.store(US + row0 * N + idx, round_to(u * s, US.dtype.element_ty), mask=mask)
-    _add_per_sample(A_SUM, tl.where(mask, dy * u, 0.0), rows, row_start, row_end, cols, col_mask, P, N)
+    _add_per_sample(A_SUM, tl.where(mask, dy * u, 0.0), row_start // BLOCK_M, rows, row_start, row_end, cols, col_mask,
+                    P, N, ATOMIC)
 
 
 @triton.jit
@@ -304,9 +343,9 @@ def _dy_gelu_bwd_kernel(
     S,       # (B, N) fp32 GRN scale
     COEF,    # (B, N) fp32 dG / G
     DPRE,    # (M, N) out: gradient of pre
-    DB1,     # (N,) fp32, zero-initialised: sum over all rows of dpre
+    DB1,     # sum over all rows of dpre: (N,) fp32 zeros when ATOMIC, else (row tiles, N) partials
     M, N, K, P,
-    DOT_FP32: tl.constexpr, AT_MOST_TWO_SAMPLES: tl.constexpr,
+    DOT_FP32: tl.constexpr, AT_MOST_TWO_SAMPLES: tl.constexpr, ATOMIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     row_start, row_end, row0, rows, cols, row_mask, col_mask = _gemm_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -323,25 +362,59 @@ def _dy_gelu_bwd_kernel(
     dgelu = 0.5 * (1.0 + tl.math.erf(pre * SQRT1_2)) + pre * INV_SQRT_2PI * tl.exp(-0.5 * pre * pre)
     dpre = tl.where(mask, du * dgelu, 0.0)
     tl.store(DPRE + row0 * N + idx, round_to(dpre, DPRE.dtype.element_ty), mask=mask)
-    tl.atomic_add(DB1 + cols, tl.sum(dpre, axis=0), mask=col_mask)
+    _add_columns(DB1, tl.sum(dpre, axis=0), row_start // BLOCK_M, cols, col_mask, N, ATOMIC)
 
 
 # ---------------------------------------------------------------------------------------------------------- launchers
-def _launch_gemm1(h2, w1, b1, u, pre, ss, P, save_pre, cfg):
+class ProgramSums:
+    """A sum that many programs of one launch add to, per sample ((B, N), `samples`=B) or over every row ((N,)).
+
+    Deterministic mode (the default): each of `tiles` row tiles of `tile_rows` rows writes its partial sums (per sample
+    split by _add_per_sample), and result() reduces them in a fixed order: _per_sample_sum_kernel, or torch's sum over
+    the tiles. Otherwise (`atomic`) the kernel adds into zeros with relaxed atomics and result() is that buffer."""
+
+    def __init__(self, n: int, tiles: int, tile_rows: int, device, atomic: bool, samples: int | None = None,
+                 pixels: int = 0):
+        self.n, self.tile_rows, self.atomic, self.samples, self.pixels = n, tile_rows, atomic, samples, pixels
+        if atomic:
+            self.buffer = torch.zeros((n,) if samples is None else (samples, n), dtype=torch.float32, device=device)
+        else:
+            rows = tiles if samples is None else tiles + samples - 1
+            self.buffer = launch.empty((rows, n), torch.float32, device)
+
+    def result(self) -> torch.Tensor:
+        if self.atomic:
+            return self.buffer
+        if self.samples is None:
+            return self.buffer.sum(0)
+        out = launch.empty((self.samples, self.n), torch.float32, self.buffer.device)
+        block = launch.sum_block(self.n, self.buffer.device)
+        _per_sample_sum_kernel[launch.checked_grid(self.samples, triton.cdiv(self.n, block))](
+            self.buffer, out, self.pixels, self.tile_rows, self.n, BLOCK_N=block)
+        return out
+
+
+def _gemm_grid(M, N, cfg) -> tuple:
+    return launch.checked_grid(triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n))
+
+
+def _launch_gemm1(h2, w1, b1, u, pre, B, P, save_pre, cfg, atomic) -> torch.Tensor:
+    """GEMM1 + GELU into u (and pre); returns ss (B, N) fp32."""
     M, K = h2.shape
     N = w1.shape[0]
-    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
-    _gemm1_gelu_kernel[grid](h2, w1, b1, u, pre, ss, M, N, K, P, SAVE_PRE=save_pre,
-                             DOT_FP32=launch.dot_in_fp32(h2.dtype, h2.device), **cfg.meta())
+    ss = ProgramSums(N, triton.cdiv(M, cfg.block_m), cfg.block_m, h2.device, atomic, samples=B, pixels=P)
+    _gemm1_gelu_kernel[_gemm_grid(M, N, cfg)](h2, w1, b1, u, pre, ss.buffer, M, N, K, P, SAVE_PRE=save_pre,
+                                              DOT_FP32=launch.dot_in_fp32(h2.dtype, h2.device), ATOMIC=atomic,
+                                              **cfg.meta())
+    return ss.result()
 
 
 def _launch_gemm2(u, s, w2, fbias, gate, x2, out, z, P, save_z, cfg):
     M, K = u.shape
     N = w2.shape[0]
-    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
-    _gemm2_grn_gate_kernel[grid](u, s, w2, fbias, gate, x2, out, z, M, N, K, P, SAVE_Z=save_z,
-                                 DOT_FP32=launch.dot_in_fp32(u.dtype, u.device),
-                                 AT_MOST_TWO_SAMPLES=cfg.block_m <= P, **cfg.meta())
+    _gemm2_grn_gate_kernel[_gemm_grid(M, N, cfg)](u, s, w2, fbias, gate, x2, out, z, M, N, K, P, SAVE_Z=save_z,
+                                                  DOT_FP32=launch.dot_in_fp32(u.dtype, u.device),
+                                                  AT_MOST_TWO_SAMPLES=cfg.block_m <= P, **cfg.meta())
 
 
 def gate_backward(g2, z, gate, P):
@@ -349,15 +422,17 @@ def gate_backward(g2, z, gate, P):
     when z is None (the block op, which gets dgate's z part from the dW2 GEMM instead)."""
     M, C = g2.shape
     dev = g2.device
+    atomic = not deterministic()
     rc = launch.rows_config(C, dev)
+    tiles = triton.cdiv(M, rc.block_p)
     dz = launch.empty((M, C), g2.dtype, dev)
-    sum_b = torch.zeros((gate.shape[0], C), dtype=torch.float32, device=dev)
-    db2 = torch.zeros((C,), dtype=torch.float32, device=dev)
-    grid = (triton.cdiv(M, rc.block_p), triton.cdiv(C, rc.block_c))
-    _gate_bwd_kernel[grid](g2, g2 if z is None else z, gate, dz, sum_b, db2, M, C, P, WITH_Z=z is not None,
-                           AT_MOST_TWO_SAMPLES=rc.block_p <= P, BLOCK_M=rc.block_p, BLOCK_N=rc.block_c,
-                           num_warps=rc.num_warps)
-    return dz, db2, sum_b
+    sum_b = ProgramSums(C, tiles, rc.block_p, dev, atomic, samples=gate.shape[0], pixels=P)
+    db2 = ProgramSums(C, tiles, rc.block_p, dev, atomic)
+    _gate_bwd_kernel[launch.checked_grid(tiles, triton.cdiv(C, rc.block_c))](
+        g2, g2 if z is None else z, gate, dz, sum_b.buffer, db2.buffer, M, C, P, WITH_Z=z is not None,
+        AT_MOST_TWO_SAMPLES=rc.block_p <= P, ATOMIC=atomic, BLOCK_M=rc.block_p, BLOCK_N=rc.block_c,
+        num_warps=rc.num_warps)
+    return dz, db2.result(), sum_b.result()
 
 
 def grn_mlp_forward(h, x, gate, w1, b1, gamma, beta, w2, b2, save: bool, save_z: bool | None = None):
@@ -370,18 +445,18 @@ def grn_mlp_forward(h, x, gate, w1, b1, gamma, beta, w2, b2, save: bool, save_z:
     B, H, W, C = x.shape
     P, M, J = H * W, B * H * W, w1.shape[0]
     dev, dt = x.device, x.dtype
+    atomic = not deterministic()
     h2, x2 = h.reshape(M, C), x.reshape(M, C)
     u = launch.empty((M, J), dt, dev)
     pre = launch.empty((M, J) if save else (0,), dt, dev)
-    ss = torch.zeros((B, J), dtype=torch.float32, device=dev)
 
-    # Tuning runs (CUDA, first call per shape) accumulate into a scratch ss; u and pre are simply overwritten.
-    cfg = launch.gemm_config("gemm1", M, J, C, P, dt, dev,
-                             lambda c: _launch_gemm1(h2, w1, b1, u, pre, torch.zeros_like(ss), P, save, c))
-    _launch_gemm1(h2, w1, b1, u, pre, ss, P, save, cfg)
+    # Tuning runs (CUDA, first call per shape) sum into their own ss; u and pre are simply overwritten.
+    def run_gemm1(cfg):
+        return _launch_gemm1(h2, w1, b1, u, pre, B, P, save, cfg, atomic)
+    ss = run_gemm1(launch.gemm_config("gemm1", M, J, C, P, dt, dev, run_gemm1))
 
     s = launch.empty((B, J), torch.float32, dev)
-    _grn_scale_kernel[(B,)](ss, gamma, s, J, GRN_EPS, BLOCK_J=launch.vector_block(J, dev))
+    _grn_scale_kernel[launch.checked_grid(B)](ss, gamma, s, J, GRN_EPS, BLOCK_J=launch.vector_block(J, dev))
 
     # GRN's beta passes through pwconv2 as a constant per output channel.
     fbias = torch.addmv(b2.float(), w2.float(), beta.float())
@@ -418,16 +493,16 @@ def dy_grn_stats(dz, w2, pre, s, P):
     M, C = dz.shape
     J = w2.shape[1]
     dev, dt = dz.device, dz.dtype
+    atomic = not deterministic()
     us = launch.empty((M, J), dt, dev)
-    a_sum = torch.zeros((s.shape[0], J), dtype=torch.float32, device=dev)
 
-    def run_stats(cfg, a_sum):
-        grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(J, cfg.block_n),)
-        _dy_grn_stats_kernel[grid](dz, w2, pre, s, us, a_sum, M, J, C, P, DOT_FP32=launch.dot_in_fp32(dt, dev),
-                                   AT_MOST_TWO_SAMPLES=cfg.block_m <= P, **cfg.meta())
-    run_stats(launch.gemm_config("dy_stats", M, J, C, P, dt, dev, lambda c: run_stats(c, torch.zeros_like(a_sum))),
-              a_sum)
-    return us, a_sum
+    def run_stats(cfg):
+        a_sum = ProgramSums(J, triton.cdiv(M, cfg.block_m), cfg.block_m, dev, atomic, samples=s.shape[0], pixels=P)
+        _dy_grn_stats_kernel[_gemm_grid(M, J, cfg)](dz, w2, pre, s, us, a_sum.buffer, M, J, C, P,
+                                                    DOT_FP32=launch.dot_in_fp32(dt, dev),
+                                                    AT_MOST_TWO_SAMPLES=cfg.block_m <= P, ATOMIC=atomic, **cfg.meta())
+        return a_sum.result()
+    return us, run_stats(launch.gemm_config("dy_stats", M, J, C, P, dt, dev, run_stats))
 
 
 def hidden_backward(dz, w1, w2, pre, ss, s, a_sum, gamma, h2):
@@ -436,18 +511,21 @@ def hidden_backward(dz, w1, w2, pre, ss, s, a_sum, gamma, h2):
     B, J = s.shape
     P = M // B
     dev, dt = dz.device, dz.dtype
+    atomic = not deterministic()
     coef = launch.empty((B, J), torch.float32, dev)
     dgamma_b = launch.empty((B, J), torch.float32, dev)
-    _grn_bwd_coeff_kernel[(B,)](ss, a_sum, gamma, coef, dgamma_b, J, GRN_EPS, BLOCK_J=launch.vector_block(J, dev))
+    _grn_bwd_coeff_kernel[launch.checked_grid(B)](ss, a_sum, gamma, coef, dgamma_b, J, GRN_EPS,
+                                                  BLOCK_J=launch.vector_block(J, dev))
 
     dpre = launch.empty((M, J), dt, dev)
-    db1 = torch.zeros((J,), dtype=torch.float32, device=dev)
 
-    def run_gelu(cfg, db1):
-        grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(J, cfg.block_n),)
-        _dy_gelu_bwd_kernel[grid](dz, w2, pre, s, coef, dpre, db1, M, J, C, P, DOT_FP32=launch.dot_in_fp32(dt, dev),
-                                  AT_MOST_TWO_SAMPLES=cfg.block_m <= P, **cfg.meta())
-    run_gelu(launch.gemm_config("dy_gelu", M, J, C, P, dt, dev, lambda c: run_gelu(c, torch.zeros_like(db1))), db1)
+    def run_gelu(cfg):
+        db1 = ProgramSums(J, triton.cdiv(M, cfg.block_m), cfg.block_m, dev, atomic)
+        _dy_gelu_bwd_kernel[_gemm_grid(M, J, cfg)](dz, w2, pre, s, coef, dpre, db1.buffer, M, J, C, P,
+                                                   DOT_FP32=launch.dot_in_fp32(dt, dev),
+                                                   AT_MOST_TWO_SAMPLES=cfg.block_m <= P, ATOMIC=atomic, **cfg.meta())
+        return db1.result()
+    db1 = run_gelu(launch.gemm_config("dy_gelu", M, J, C, P, dt, dev, run_gelu))
     dh = torch.matmul(dpre, w1)                                      # (M, J) x (J, C) -> (M, C)
     dw1 = torch.matmul(dpre.t(), h2)                                 # (J, M) x (M, C) -> (J, C)
     return dh, dw1, db1.to(dt), dgamma_b.sum(0).to(dt)

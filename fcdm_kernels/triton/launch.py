@@ -1,24 +1,33 @@
 """Launch heuristics for every Triton kernel of the FCDM block, in one place.
 
 Block sizes and warps are chosen here and nowhere else. Nothing runs at import: configs are built on first use, and
-on CUDA the GEMM configs are tuned once per (op, C, H*W, dtype) by timing a small candidate set on scratch outputs
-(so kernels that accumulate with atomics are never run twice into a real buffer) and cached for the process.
+on CUDA the GEMM configs are tuned once per (op, N, K, H*W, dtype, GPU kind) by timing a small candidate set on
+scratch outputs (so kernels that accumulate with atomics are never run twice into a real buffer) and cached for the
+process.
 
-On CPU tensors the kernels run under TRITON_INTERPRET=1, where the cost is per program, so the CPU configs use few,
-large programs. The interpreter also multiplies bf16 tl.dot operands wrongly (Triton 3.9), so there the GEMM operands
-are widened to fp32 first, which is exactly what tensor cores compute (bf16 products are exact in fp32).
+Kernels run in the Triton interpreter when TRITON_INTERPRET=1 was set at import (then even CUDA tensors are
+interpreted: the interpreter copies them to the host), where the cost is per program, so the interpreter configs use
+few, large programs. The interpreter also multiplies bf16 tl.dot operands wrongly (Triton 3.9), so there the GEMM
+operands are widened to fp32 first, which is exactly what tensor cores compute (bf16 products are exact in fp32).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from dataclasses import dataclass
 
 import torch
 import triton
 
+from .cast import INTERPRETED
+
 # Set by tests (monkeypatch) to make every output buffer start as NaN, so an unwritten element cannot pass.
 POISON_OUTPUTS = False
+
+H100_SMS = 132  # programs to fill when splitting work that would otherwise leave SMs idle
+# CUDA's grid limits: 2^31 - 1 programs on axis 0, 65,535 on axes 1 and 2.
+MAX_GRID = (2 ** 31 - 1, 65535, 65535)
 
 
 def on_device(t: torch.Tensor):
@@ -34,9 +43,27 @@ def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return t
 
 
+def checked_grid(*dims: int) -> tuple:
+    """A launch grid, refused with a ValueError naming the limit when an axis exceeds what CUDA can launch (the
+    launchers fold the batch into axis 0 or slice it, so no realistic shape gets here)."""
+    for axis, (n, limit) in enumerate(zip(dims, MAX_GRID)):
+        if n > limit:
+            raise ValueError(f"fcdm: a Triton launch needs {n:,} programs on grid axis {axis}, above CUDA's limit of "
+                             f"{limit:,} for that axis (grid {tuple(dims)}); use a smaller batch or image")
+    return tuple(dims)
+
+
+def sample_slices(batch: int, most: int = MAX_GRID[1]):
+    """(first sample, samples) of each launch of a kernel whose grid axis 1 is the sample: at most `most` (and CUDA's
+    65,535) per launch, so any batch runs."""
+    step = max(1, min(most, MAX_GRID[1]))
+    return [(b0, min(step, batch - b0)) for b0 in range(0, batch, step)]
+
+
 def interpreting(device: torch.device) -> bool:
-    """True when kernels run under the Triton CPU interpreter rather than on a GPU."""
-    return device.type != "cuda"
+    """True when kernels run under the Triton interpreter (TRITON_INTERPRET=1 at import, any device) rather than
+    compiled for a GPU."""
+    return INTERPRETED or device.type != "cuda"
 
 
 def dot_in_fp32(dtype: torch.dtype, device: torch.device) -> bool:
@@ -69,9 +96,19 @@ def dwconv_config(channels: int, pixels: int, dtype: torch.dtype, device: torch.
     return TileConfig(block_p, block_c, 8 if dtype == torch.float32 or block_c == 1024 else 4)
 
 
+def dwconv_norm_config(channels: int, pixels: int, dtype: torch.dtype, device: torch.device) -> TileConfig:
+    """Norm-backward of dwconv_ln_modulate: dwconv_config's tile, halved for fp32, whose three per-program gradient
+    sums (kept in registers across tiles) otherwise spill 24-32 B at C = 512 and 1024 on sm_90 (Triton 3.9). A
+    program covers several tiles, so the smaller tile costs no partial-sum memory."""
+    cfg = dwconv_config(channels, pixels, dtype, device)
+    if dtype == torch.float32 and not interpreting(device):
+        return TileConfig(max(1, cfg.block_p // 2), cfg.block_c, cfg.num_warps)
+    return cfg
+
+
 def dwconv_grad_config(channels: int, pixels: int, dtype: torch.dtype, device: torch.device) -> TileConfig:
-    """Input/weight backward of the depthwise conv: channel-blocked, with many pixels per program so the per-tile
-    partial sums of dW (49 x C floats per tile) stay small."""
+    """Input/weight backward of the depthwise conv: channel-blocked tiles of many pixels (a program walks several of
+    them, see dwconv_grad_tiles_per_program)."""
     if interpreting(device):
         block_c = _pow2(channels)
         return TileConfig(min(_pow2(pixels), max(1, 16384 // block_c)), block_c, 4)
@@ -81,6 +118,49 @@ def dwconv_grad_config(channels: int, pixels: int, dtype: torch.dtype, device: t
     return TileConfig(min(_pow2(pixels), elements // block_c), block_c, 8)
 
 
+# Per-program fp32 partial sums (reduced afterwards in a fixed order) may take 1/PARTIAL_FRACTION of the activation.
+PARTIAL_FRACTION = 8
+
+
+def partial_programs_allowed(row_bytes: int, activation_bytes: int) -> int:
+    """How many programs may each hold a row of `row_bytes` fp32 partial sums at once: 1/PARTIAL_FRACTION of the
+    activation's bytes, but never fewer than two programs per SM of an H100, since fewer would idle SMs (so at small
+    activations the rows may take more than that fraction: at most 264 rows, 6.2 MiB at C = 2048)."""
+    return max(2 * H100_SMS, activation_bytes // (PARTIAL_FRACTION * row_bytes))
+
+
+@dataclass(frozen=True)
+class NormSplit:
+    """How the norm-backward kernel of dwconv_ln_modulate spreads a sample's pixel tiles over programs and launches."""
+    tiles_per_program: int
+    programs_per_sample: int
+    samples_per_launch: int
+
+
+def dwconv_norm_split(batch: int, tiles: int, channels: int, activation_bytes: int, device: torch.device) -> NormSplit:
+    """Each program sums dshift, dscale and dbias over tiles_per_program pixel tiles in registers and writes one row
+    of 3 C floats. Enough programs to fill the GPU a few times over (8 per SM; 2 under the interpreter, so the tests
+    cover several per sample), and as many whole samples per launch as partial_programs_allowed permits (all of them
+    unless images are tiny and the batch is large)."""
+    allowed = partial_programs_allowed(3 * channels * 4, activation_bytes)
+    wanted = 2 if interpreting(device) else 8 * H100_SMS
+    per_sample = max(1, min(tiles, triton.cdiv(wanted, batch), allowed // batch))
+    tiles_per_program = triton.cdiv(tiles, per_sample)
+    per_sample = triton.cdiv(tiles, tiles_per_program)
+    return NormSplit(tiles_per_program, per_sample, max(1, min(batch, allowed // per_sample)))
+
+
+def dwconv_grad_tiles_per_program(total_tiles: int, channel_blocks: int, block_c: int, activation_bytes: int,
+                                  device: torch.device) -> int:
+    """Pixel tiles (of the whole batch) per program of the dx/dW kernel, whose programs each keep a row of 49 x
+    BLOCK_C dW sums: enough programs for 4 waves on an H100 (1 program per SM fits; 2 under the interpreter), within
+    partial_programs_allowed."""
+    allowed = partial_programs_allowed(49 * block_c * 4, activation_bytes)
+    wanted = 2 if interpreting(device) else 4 * H100_SMS
+    groups = max(1, min(total_tiles, triton.cdiv(wanted, channel_blocks), allowed // channel_blocks))
+    return triton.cdiv(total_tiles, groups)
+
+
 def rows_config(cols: int, device: torch.device) -> TileConfig:
     """Row-tiled elementwise + per-sample reduction kernels over (B*H*W, cols)."""
     if interpreting(device):
@@ -88,6 +168,11 @@ def rows_config(cols: int, device: torch.device) -> TileConfig:
         return TileConfig(max(16, 16384 // block_c), block_c, 4)
     block_c = min(_pow2(cols), 256)
     return TileConfig(max(8, 8192 // block_c), block_c, 8)
+
+
+def sum_block(n: int, device: torch.device) -> int:
+    """Columns per program of the fixed-order reduction of per-tile partial sums."""
+    return min(_pow2(n), 4096 if interpreting(device) else 256)
 
 
 def vector_block(n: int, device: torch.device) -> int:
@@ -134,40 +219,88 @@ def gemm_candidates(op: str, n: int, dtype: torch.dtype) -> list[GemmConfig]:
                                                                                     num_stages=4)]
 
 
+@functools.lru_cache(maxsize=None)
+def _default_gemm_config(op: str, n: int, dtype: torch.dtype) -> GemmConfig:
+    return gemm_candidates(op, n, dtype)[0]
+
+
 def _gemm_interpreter_config(m: int, n: int, k: int) -> GemmConfig:
     return GemmConfig(min(_pow2(m), 128), min(max(_pow2(n), 16), 128), min(max(_pow2(k), 16), 64), 8, 1, 1)
 
 
+def _config_does_not_fit() -> tuple[type, ...]:
+    """Triton's errors for "this config cannot run on this GPU": too much shared memory or too many threads
+    (OutOfResources), and compile or ptxas failures. Anything else (out of memory, a CUDA error, a broken capture) is
+    not the config's fault and must reach the caller."""
+    from triton.compiler.errors import CompilationError
+    from triton.runtime import errors
+    return tuple(e for e in (errors.OutOfResources, CompilationError, getattr(errors, "PTXASError", None)) if e)
+
+
+CONFIG_DOES_NOT_FIT = _config_does_not_fit()
 _TUNED: dict[tuple, GemmConfig] = {}
+_DEVICE_KINDS: dict[int, str] = {}
+
+
+def device_kind(device: torch.device) -> str:
+    """The GPU model and compute capability, e.g. 'NVIDIA H100 80GB HBM3 sm_90': a tuned config is only valid on the
+    kind of GPU that timed it."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _DEVICE_KINDS:
+        props = torch.cuda.get_device_properties(index)
+        _DEVICE_KINDS[index] = f"{props.name} sm_{props.major}{props.minor}"
+    return _DEVICE_KINDS[index]
+
+
+def capturing(device: torch.device) -> bool:
+    """Whether the current stream of `device` is being captured into a CUDA graph (timing would break the capture)."""
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
+
+
+def tuning_enabled() -> bool:
+    """FCDM_TRITON_TUNE=0 turns the GEMM timing off, and so does torch's deterministic mode: like cudnn.benchmark, a
+    config picked by timing may differ between processes, and with it the rounding."""
+    return os.environ.get("FCDM_TRITON_TUNE", "1") != "0" and not torch.are_deterministic_algorithms_enabled()
 
 
 def gemm_config(op: str, m: int, n: int, k: int, pixels: int, dtype: torch.dtype, device: torch.device,
                 run) -> GemmConfig:
     """The GEMM config for `op` at this shape. `run(config)` launches once on scratch outputs; on CUDA it is timed
-    for each candidate the first time a (op, N, K, H*W, dtype) key is seen, and the fastest is cached.
-    FCDM_TRITON_TUNE=0 takes the first candidate untimed (saves the compile time of the others)."""
+    for each candidate the first time a (op, N, K, H*W, dtype, GPU kind) key is seen, and the fastest is cached.
+
+    The first candidate is taken untimed whenever tuning is off (tuning_enabled), and, without caching it, while a
+    CUDA graph is being captured. A candidate that does not fit the GPU is skipped; any other error propagates.
+
+    Under DDP each rank times for itself and may pick another config. That is left alone: the candidates differ only in
+    rounding (each is tested against fp64), DDP and FSDP average the gradients so every rank still steps identically,
+    and a rank's pick is the fastest on its own GPU, so no rank is slowed. A collective here could hang: a shape seen
+    on one rank only (an evaluation on rank 0) would wait forever for the others. For configs that are equal on every
+    rank and in every run, set FCDM_TRITON_TUNE=0 or use torch.use_deterministic_algorithms(True)."""
     if interpreting(device):
         return _gemm_interpreter_config(m, n, k)
-    key = (op, n, k, pixels, dtype)
-    if key not in _TUNED:
-        cands = gemm_candidates(op, n, dtype)
-        if len(cands) == 1 or os.environ.get("FCDM_TRITON_TUNE", "1") == "0":
-            _TUNED[key] = cands[0]
-        else:
-            from triton.testing import do_bench
-            times = []
-            for cfg in cands:
-                try:
-                    times.append((do_bench(lambda: run(cfg), warmup=5, rep=20), cfg))
-                except Exception:  # a config that does not fit this GPU's shared memory is simply skipped
-                    continue
-            if not times:
-                raise RuntimeError(f"no Triton GEMM config could run {op} at N={n}, K={k}")
-            _TUNED[key] = min(times, key=lambda tc: tc[0])[1]
+    if not tuning_enabled():
+        return _default_gemm_config(op, n, dtype)
+    key = (op, n, k, pixels, dtype, device_kind(device))
+    if key in _TUNED:
+        return _TUNED[key]
+    cands = gemm_candidates(op, n, dtype)
+    if len(cands) == 1:
+        _TUNED[key] = cands[0]
+        return cands[0]
+    if capturing(device):
+        return cands[0]  # a later call outside the capture still tunes this key
+    from triton.testing import do_bench
+    times, skipped = [], []
+    for cfg in cands:
+        try:
+            times.append((do_bench(lambda: run(cfg), warmup=5, rep=20), cfg))
+        except CONFIG_DOES_NOT_FIT as e:
+            skipped.append(f"{cfg}: {type(e).__name__}: {e}")
+    if not times:
+        raise RuntimeError(f"no Triton GEMM config fits {op} at N={n}, K={k} on {key[-1]}:\n" + "\n".join(skipped))
+    _TUNED[key] = min(times, key=lambda tc: tc[0])[1]
     return _TUNED[key]
-
-
-H100_SMS = 132  # programs to fill when choosing the dW2 split over samples
 
 
 def dw2_dgate_config(C: int, J: int, P: int, dtype: torch.dtype, device: torch.device) -> dict:
