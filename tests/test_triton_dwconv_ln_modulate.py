@@ -90,7 +90,7 @@ def test_dispatch_picks_triton(device, tmp_path, monkeypatch):
     with fcdm_kernels.use_backend("triton"):
         assert dispatch.resolve("dwconv_ln_modulate", x) == "triton"
     dispatch._load("triton")
-    order = dispatch._auto_preference["dwconv_ln_modulate"](x)
+    order = dispatch.auto_preference("dwconv_ln_modulate")(x)
     if dispatch.unavailable_reason("dwconv_ln_modulate", "cuda", x.device) is None:
         assert set(order) == {"triton", "cuda"}  # with the CUDA extension, `auto` orders the two by measured speed
     else:

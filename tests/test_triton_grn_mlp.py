@@ -110,7 +110,7 @@ def test_dispatch_picks_triton(device):
     with fcdm_kernels.use_backend("triton"):
         assert dispatch.resolve("grn_mlp", x) == "triton"
     dispatch._load("triton")
-    assert dispatch._auto_preference["grn_mlp"](x)[0] == "triton"
+    assert dispatch.auto_preference("grn_mlp")(x)[0] == "triton"
 
 
 @pytest.mark.parametrize("arg,bad,message", [
