@@ -88,3 +88,14 @@ def test_no_function_in_fcdm_is_too_long_to_read_in_one_sitting():
                 if lines >= MAX_FUNCTION_LINES:
                     long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} has {lines} lines")
     assert not long, f"split these below {MAX_FUNCTION_LINES} lines:\n" + "\n".join(long)
+
+
+def test_every_custom_op_is_in_the_one_fcdm_namespace():
+    # torch.ops.fcdm.<op>_<backend>: the Triton ops (Python) and the CUDA ones (csrc/bindings.cpp) side by side.
+    import re
+    names = [name for path in source_files("fcdm_kernels")
+             for name in re.findall(r'custom_op\("([^"]+)"', path.read_text())]
+    names += re.findall(r'm\.def\("([a-z_]+)\(', (REPO / "csrc" / "bindings.cpp").read_text())
+    assert len(names) >= 8, names
+    assert all(name.startswith("fcdm::") or "::" not in name for name in names), names
+    assert all(name.split("::")[-1].split("_")[-1] in ("triton", "cuda", "backward") for name in names), names

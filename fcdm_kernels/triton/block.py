@@ -137,7 +137,7 @@ def convnext_block_backward(g, x, shift, scale, gate, dw_weight, dw_bias, w1, ga
 
 
 # ------------------------------------------------------------------------------------------ torch.library op + autograd
-@torch.library.custom_op("fcdm_triton::convnext_block", mutates_args=())
+@torch.library.custom_op("fcdm::convnext_block_triton", mutates_args=())
 def convnext_block_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, gate: torch.Tensor,
                       dw_weight: torch.Tensor, dw_bias: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
                       gamma: torch.Tensor, beta: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, save: bool
@@ -155,7 +155,7 @@ def _(x, shift, scale, gate, dw_weight, dw_bias, w1, b1, gamma, beta, w2, b2, sa
             x.new_empty((B, J), dtype=torch.float32))
 
 
-@torch.library.custom_op("fcdm_triton::convnext_block_backward", mutates_args=())
+@torch.library.custom_op("fcdm::convnext_block_triton_backward", mutates_args=())
 def convnext_block_backward_op(
         g: torch.Tensor, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, gate: torch.Tensor,
         dw_weight: torch.Tensor, dw_bias: torch.Tensor, w1: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
@@ -186,7 +186,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, g, *unused_grads):
     if not ctx.saved_activations:
-        raise RuntimeError("fcdm_triton::convnext_block was called with save=False, so it cannot be differentiated")
+        raise RuntimeError("fcdm::convnext_block_triton was called with save=False, so it cannot be differentiated")
     grads = convnext_block_backward_op(g.contiguous(), *ctx.saved_tensors)
     return tuple(gr if need else None for gr, need in zip(grads, ctx.needs_input_grad[:12])) + (None,)
 

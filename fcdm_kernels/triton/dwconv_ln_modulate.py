@@ -269,7 +269,7 @@ def dwconv_ln_modulate_backward(dh, x, weight, bias, scale, eps: float, residual
 
 
 # ------------------------------------------------------------------------------------------ torch.library op + autograd
-@torch.library.custom_op("fcdm_triton::dwconv_ln_modulate", mutates_args=())
+@torch.library.custom_op("fcdm::dwconv_ln_modulate_triton", mutates_args=())
 def dwconv_ln_modulate_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, shift: torch.Tensor,
                           scale: torch.Tensor, eps: float) -> torch.Tensor:
     """h from x, in one pass; the contract of fcdm_kernels.ops.dwconv_ln_modulate."""
@@ -282,7 +282,7 @@ def _(x, weight, bias, shift, scale, eps):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("fcdm_triton::dwconv_ln_modulate_backward", mutates_args=())
+@torch.library.custom_op("fcdm::dwconv_ln_modulate_triton_backward", mutates_args=())
 def dwconv_ln_modulate_backward_op(
         dh: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -532,7 +532,7 @@ def hidden_backward(dz, w1, w2, pre, ss, s, a_sum, gamma, h2):
 
 
 # ------------------------------------------------------------------------------------------ torch.library op + autograd
-@torch.library.custom_op("fcdm_triton::grn_mlp", mutates_args=())
+@torch.library.custom_op("fcdm::grn_mlp_triton", mutates_args=())
 def grn_mlp_op(h: torch.Tensor, x: torch.Tensor, gate: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
                gamma: torch.Tensor, beta: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, save: bool
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -549,7 +549,7 @@ def _(h, x, gate, w1, b1, gamma, beta, w2, b2, save):
             x.new_empty((B, J), dtype=torch.float32), x.new_empty((B, J), dtype=torch.float32))
 
 
-@torch.library.custom_op("fcdm_triton::grn_mlp_backward", mutates_args=())
+@torch.library.custom_op("fcdm::grn_mlp_triton_backward", mutates_args=())
 def grn_mlp_backward_op(
         g: torch.Tensor, h: torch.Tensor, gate: torch.Tensor, w1: torch.Tensor, gamma: torch.Tensor,
         beta: torch.Tensor, w2: torch.Tensor, pre: torch.Tensor, z: torch.Tensor, ss: torch.Tensor, s: torch.Tensor
@@ -575,7 +575,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, g, *unused_grads):
     if not ctx.saved_activations:
-        raise RuntimeError("fcdm_triton::grn_mlp was called with save=False, so it cannot be differentiated")
+        raise RuntimeError("fcdm::grn_mlp_triton was called with save=False, so it cannot be differentiated")
     h, gate, w1, gamma, beta, w2, pre, z, ss, s = ctx.saved_tensors
     dh, dgate, dw1, db1, dgamma, dbeta, dw2, db2 = grn_mlp_backward_op(g.contiguous(), h, gate, w1, gamma, beta, w2,
                                                                          pre, z, ss, s)
