@@ -102,7 +102,7 @@ schema = str(torch.ops.fcdm.dwconv_ln_modulate_cuda.default._schema)
 assert schema.startswith("fcdm::dwconv_ln_modulate_cuda(Tensor x, Tensor weight"), schema
 backward_schema = str(torch.ops.fcdm.dwconv_ln_modulate_cuda_backward.default._schema)
 assert backward_schema.endswith("-> (Tensor, Tensor, Tensor, Tensor, Tensor)"), backward_schema
-assert dispatch._IMPLS["dwconv_ln_modulate"]["cuda"] is backend.ops.dwconv_ln_modulate_cuda
+assert dispatch._IMPLS["dwconv_ln_modulate"]["cuda"] is backend.registration.dwconv_ln_modulate_cuda
 assert dispatch._auto_preference["dwconv_ln_modulate"] is backend.autotune.preference
 
 # Fake kernels and autograd on meta tensors: shapes and dtypes flow through forward and backward.

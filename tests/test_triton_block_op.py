@@ -13,7 +13,8 @@ import fcdm_kernels
 from fcdm.models.fcdm import FCDM
 from fcdm_kernels import dispatch
 from fcdm_kernels.reference import convnext_block_reference
-from tests.numerics import REL_TOL, assert_block_matches_fp64, assert_rel_close, block_args, runs_on
+from tests.numerics import (REL_TOL, assert_block_matches_fp64, assert_rel_close, block_args, runs_on,
+                            saved_tensors)
 
 triton = pytest.importorskip("triton")
 from fcdm_kernels.triton import block, launch  # noqa: E402  (needs Triton)
@@ -45,13 +46,7 @@ def test_block_op_matches_fp64_reference(B, H, W, C, dtype, device):
 
 def saved_bytes(fn, args):
     """(total bytes, shapes) of the tensors autograd saves for one call of fn(*args)."""
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(*args)
+    saved = saved_tensors(fn, args)
     # The same storage saved twice costs once.
     unique = {t.untyped_storage().data_ptr(): t for t in saved}
     return sum(t.untyped_storage().nbytes() for t in unique.values()), [tuple(t.shape) for t in saved]
@@ -77,6 +72,22 @@ def test_saves_only_x_pre_and_small_vectors(device):
     # The two ops composed also save h and z (2 C more values per pixel); this op adds only shift and b2, which
     # recomputing h and the bias part of dgate need.
     assert two_ops - fused == 2 * M * C * 4 - (B * C + C) * 4
+
+
+def test_frozen_w1_skips_recomputing_h(device, monkeypatch):
+    """h is recomputed in the backward for dW1 alone: with w1 frozen it is not (one dwconv forward instead of two),
+    and the other eleven gradients still match the fp64 reference."""
+    recomputed = []
+    forward = block.dwconv_ln_modulate_forward
+    monkeypatch.setattr(block, "dwconv_ln_modulate_forward", lambda *a: recomputed.append(1) or forward(*a))
+    args = block_args(2, 4, 7, 8, torch.float32, device)
+    args[6].requires_grad_(False)  # w1
+    check_against_fp64(args, torch.float32)
+    assert len(recomputed) == 1  # the forward's own
+    args[6].requires_grad_(True)
+    recomputed.clear()
+    check_against_fp64(args, torch.float32)
+    assert len(recomputed) == 2
 
 
 def test_forward_without_grad_matches_and_saves_nothing(device):

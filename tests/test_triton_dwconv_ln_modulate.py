@@ -9,7 +9,7 @@ import torch
 import fcdm_kernels
 from fcdm_kernels import dispatch
 from fcdm_kernels.reference import dwconv_ln_modulate_reference
-from tests.numerics import REL_TOL, assert_rel_close, runs_on
+from tests.numerics import REL_TOL, assert_matches_fp64, assert_rel_close, runs_on, saved_tensors
 
 triton = pytest.importorskip("triton")
 from fcdm_kernels.triton import launch  # noqa: E402  (needs Triton)
@@ -74,6 +74,17 @@ def test_matches_fp64_reference(B, H, W, C, dtype, device):
 ])
 def test_matches_fp64_reference_with_small_tiles(small_tiles, B, H, W, C, dtype, device):
     check_against_fp64(make_args(B, H, W, C, dtype, device), device)
+
+
+def test_dshift_alone_keeps_nothing_for_the_backward(device):
+    # dshift is dh summed over the pixels: with x, weight, bias and scale frozen nothing needs saving.
+    args = make_args(2, 4, 7, 8, torch.float32, device)
+    for i in (0, 1, 2, 4):
+        args[i].requires_grad_(False)
+    with runs_on("triton", "dwconv_ln_modulate"):
+        assert saved_tensors(fcdm_kernels.dwconv_ln_modulate, args) == []
+        assert_matches_fp64(fcdm_kernels.dwconv_ln_modulate, dwconv_ln_modulate_reference, args,
+                            ("x", "weight", "bias", "shift", "scale"), REL_TOL[torch.float32])
 
 
 def test_opcheck(device):

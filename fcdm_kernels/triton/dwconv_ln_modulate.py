@@ -299,11 +299,17 @@ def _(dh, x, weight, bias, scale, eps):
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, shift, scale, eps = inputs
-    ctx.save_for_backward(x, weight, bias, scale)
+    # Every gradient but dshift (dh summed over the pixels) recomputes the LayerNorm from x, weight, bias and scale;
+    # when dshift alone is wanted nothing is kept.
+    ctx.only_shift = not any(ctx.needs_input_grad[i] for i in (0, 1, 2, 4))
+    if not ctx.only_shift:
+        ctx.save_for_backward(x, weight, bias, scale)
     ctx.eps = eps
 
 
 def _backward(ctx, dh):
+    if ctx.only_shift:
+        return None, None, None, dh.float().sum(dim=(1, 2)).to(dh.dtype), None, None
     x, weight, bias, scale = ctx.saved_tensors
     grads = dwconv_ln_modulate_backward_op(dh.contiguous(), x, weight, bias, scale, ctx.eps)
     return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:5])) + (None,)
