@@ -99,3 +99,9 @@ def test_every_custom_op_is_in_the_one_fcdm_namespace():
     assert len(names) >= 8, names
     assert all(name.startswith("fcdm::") or "::" not in name for name in names), names
     assert all(name.split("::")[-1].split("_")[-1] in ("triton", "cuda", "backward") for name in names), names
+
+
+def test_tests_live_in_tests():
+    elsewhere = [str(p.relative_to(REPO)) for root in ("fcdm", "fcdm_kernels", "benchmarks", "csrc")
+                 for p in (REPO / root).rglob("test_*.py")]
+    assert not elsewhere, elsewhere

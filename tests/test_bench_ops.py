@@ -1,7 +1,8 @@
-"""pytest-benchmark versions of the op microbenchmarks (CUDA only):
+"""pytest-benchmark versions of the op microbenchmarks (CUDA only, and only with --benchmark-only, so that neither
+an ordinary test run nor gpu_check's pytest stage spends its time on them):
 
-    pytest benchmarks/ --benchmark-only --benchmark-group-by=group
-    pytest benchmarks/ --benchmark-only -k "block and 256px-L1 and bf16"
+    pytest tests/test_bench_ops.py --benchmark-only --benchmark-group-by=group
+    pytest tests/test_bench_ops.py --benchmark-only -k "block and 256px-L1 and bf16"
 
 Inputs come from benchmarks.providers, like `python -m benchmarks.ops`; each test is one (op, mode, case, dtype,
 provider), grouped so providers of one case sit side by side, with the ideal bytes and FLOPs in extra_info
@@ -20,6 +21,12 @@ pytest.importorskip("pytest_benchmark")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="op benchmarks need CUDA")]
 
 _inputs_cache: dict = {}
+
+
+@pytest.fixture(autouse=True)
+def only_when_benchmarking(request):
+    if not request.config.getoption("benchmark_only", default=False):
+        pytest.skip("an op timing, not a test: run it with --benchmark-only")
 
 
 def _inputs(op, case, dtype):
