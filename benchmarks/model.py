@@ -310,7 +310,7 @@ class Group:
 
 
 def suite(name: str) -> list[Group]:
-    """quick: the issue's goal cases at gpu_check's budget, eager first and the compiles (~20 s each) last, so a
+    """quick: the cases of the performance goals at gpu_check's budget, eager first and the compiles (~20 s each) last, so a
     time-boxed run loses the fewest rows; full: every variant everywhere; tiny: a CPU smoke run of every path."""
     eager = ("fused", "official", "reference", "dit")
     compiled = ("official_compile", "fused_compile")

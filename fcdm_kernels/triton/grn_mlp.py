@@ -285,7 +285,7 @@ def _dy_grn_stats_kernel(
 ):
     # dy stays in fp32 registers: it is recomputed by _dy_gelu_bwd_kernel rather than stored and read twice. The two
     # dy kernels write their common start out: a shared helper that loads pre moves the GELU after the load of s here,
-    # which raises ptxas's spills at the 128x128 tuning tile (456 -> 568 B, sm_90).
+    # which raises register spills at the 128x128 tuning tile (benchmarks/NOTES.md, "Compiler facts").
     row_start, row_end, row0, rows, cols, row_mask, col_mask = _gemm_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     local = tl.arange(0, BLOCK_M)
     dy = _matmul_tile(DZ + row0 * K, W2, local, row_mask, cols, col_mask, K, N, 1, DOT_FP32, BLOCK_M, BLOCK_N,

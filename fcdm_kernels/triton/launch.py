@@ -7,8 +7,12 @@ process.
 
 Kernels run in the Triton interpreter when TRITON_INTERPRET=1 was set at import (then even CUDA tensors are
 interpreted: the interpreter copies them to the host), where the cost is per program, so the interpreter configs use
-few, large programs. The interpreter also multiplies bf16 tl.dot operands wrongly (Triton 3.9), so there the GEMM
-operands are widened to fp32 first, which is exactly what tensor cores compute (bf16 products are exact in fp32).
+few, large programs. The interpreter has multiplied bf16 tl.dot operands wrongly (benchmarks/NOTES.md), so there the
+GEMM operands are widened to fp32 first, which is exactly what tensor cores compute (bf16 products are exact in fp32).
+
+Where a default below avoids register spills, the ptxas counts behind it are in benchmarks/NOTES.md ("Compiler
+facts"), with the Triton release and date they were read under; `compile_check --fail-on-spill` rechecks every
+default on the Triton installed.
 """
 from __future__ import annotations
 
@@ -89,17 +93,16 @@ def dwconv_config(channels: int, pixels: int, dtype: torch.dtype, device: torch.
     block_c = _pow2(channels)
     if interpreting(device):
         return TileConfig(min(_pow2(pixels), max(1, 16384 // block_c)), block_c, 4)
-    # 4k fp32 accumulators per program keep every FCDM width (C = 512: 8 pixels, C = 2048: 2 pixels) free of spills
-    # on sm_90 with Triton 3.6 and 3.9 on 4 warps, except fp32 inputs and C = 1024, which need 8 (with 4, ptxas
-    # spills or keeps a stack frame of 16-40 B there). `compile_check --fail-on-spill` checks every width.
+    # 4k fp32 accumulators per program (C = 512: 8 pixels, C = 2048: 2 pixels) fit in registers on 4 warps; fp32
+    # inputs and C = 1024 need 8 warps to stay free of spills.
     block_p = max(1, min(_pow2(pixels), 4096 // block_c))
     return TileConfig(block_p, block_c, 8 if dtype == torch.float32 or block_c == 1024 else 4)
 
 
 def dwconv_norm_config(channels: int, pixels: int, dtype: torch.dtype, device: torch.device) -> TileConfig:
     """Norm-backward of dwconv_ln_modulate: dwconv_config's tile, halved for fp32, whose three per-program gradient
-    sums (kept in registers across tiles) otherwise spill 24-32 B at C = 512 and 1024 on sm_90 (Triton 3.9). A
-    program covers several tiles, so the smaller tile costs no partial-sum memory."""
+    sums (kept in registers across tiles) otherwise spill at C = 512 and 1024. A program covers several tiles, so the
+    smaller tile costs no partial-sum memory."""
     cfg = dwconv_config(channels, pixels, dtype, device)
     if dtype == torch.float32 and not interpreting(device):
         return TileConfig(max(1, cfg.block_p // 2), cfg.block_c, cfg.num_warps)
@@ -113,7 +116,7 @@ def dwconv_grad_config(channels: int, pixels: int, dtype: torch.dtype, device: t
         block_c = _pow2(channels)
         return TileConfig(min(_pow2(pixels), max(1, 16384 // block_c)), block_c, 4)
     block_c = min(_pow2(channels), 64)
-    # fp32 tiles take twice the registers of bf16 ones: 128 x 64 spills 584 B on sm_90 (ptxas), 64 x 64 none.
+    # fp32 tiles take twice the registers of bf16 ones: 128 x 64 spills, 64 x 64 does not.
     elements = 4096 if dtype == torch.float32 else 8192
     return TileConfig(min(_pow2(pixels), elements // block_c), block_c, 8)
 
@@ -199,15 +202,14 @@ def gemm_candidates(op: str, n: int, dtype: torch.dtype) -> list[GemmConfig]:
     """A small H100 candidate set, the untuned default first; fp32 (IEEE FMA, no tensor cores) gets smaller tiles.
 
     The dy GEMMs carry a heavy epilogue (the saved pre-activation and two per-sample tables as fp32 tiles), so their
-    default is 128 x 64: at 128 x 128 ptxas spills 456 B (dy_stats) and 1136 B (dy_gelu) in bf16 on sm_90, at
-    128 x 64 none. 128 x 128 stays a candidate for the tuner to time. `compile_check --fail-on-spill` checks every
-    default."""
+    default is 128 x 64, which keeps them in registers where 128 x 128 spills. 128 x 128 stays a candidate for the
+    tuner to time."""
     if dtype == torch.float32:
         return [GemmConfig(64, 64, 32, num_warps=4, num_stages=3), GemmConfig(128, 64, 32, num_warps=8, num_stages=3)]
     if op.startswith("dy"):
         cands = [GemmConfig(128, 64, 64, num_warps=8, num_stages=3), GemmConfig(64, 64, 64, num_warps=4, num_stages=4),
                  GemmConfig(128, 128, 64, num_warps=8, num_stages=3)]
-        if dtype == torch.float16:  # fp16's epilogue converts differently: 128 x 64 spills 16 B there, this none
+        if dtype == torch.float16:  # fp16's epilogue converts differently: 128 x 64 spills there, 64 x 64 does not
             cands.insert(0, GemmConfig(64, 64, 64, num_warps=8, num_stages=3))
     else:
         cands = [GemmConfig(128, 128, 64, num_warps=8, num_stages=3),
