@@ -4,6 +4,7 @@
     loaded.weights    # the entry used: 'ema', 'model', 'state_dict' or 'bare'
     loaded.config     # the FCDM_models[...] arguments the model was built with, learn_sigma included
     loaded.args       # the training args the checkpoint stores ({} when it has none)
+    sampling_config(loaded.args)   # how to sample it: image size, objective, VAE and latent scale
 
 Accepted: a dict with an `ema` and/or `model` entry (fcdm's and the official trainer's {"model", "ema", "opt",
 "args"}), a dict with a `state_dict` entry, a bare state_dict, or a .safetensors file; EMA weights are preferred.
@@ -23,6 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from fcdm.models import FCDM, FCDM_models
+from fcdm.vae import SD_VAE, SD_VAE_SCALE
 
 # Prefixes added by DistributedDataParallel and torch.compile; stripped so any of them loads into a bare model.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -114,8 +116,10 @@ def read_checkpoint_args(path: str) -> dict:
     return dict(args) if isinstance(args, Mapping) else {}
 
 
-# The architecture a checkpoint that stores no training args is assumed to have: the paper's ImageNet 256 model.
+# The architecture a checkpoint that stores no training args is assumed to have, and how it is sampled: the paper's
+# ImageNet 256 model.
 DEFAULT_CONFIG = {"model": "FCDM-XL", "in_channels": 4, "num_classes": 1000}
+DEFAULT_SAMPLING = {"image_size": 256, "objective": "ddpm", "vae": SD_VAE, "vae_scaling_factor": SD_VAE_SCALE}
 
 
 def model_config(stored_args: Mapping, model: str | None = None, hidden_size: int | None = None,
@@ -138,6 +142,18 @@ def model_config(stored_args: Mapping, model: str | None = None, hidden_size: in
             "depth": None if depth is None else tuple(int(d) for d in depth),
             "in_channels": int(in_channels or stored_args.get("in_channels") or DEFAULT_CONFIG["in_channels"]),
             "num_classes": int(num_classes or stored_args.get("num_classes") or DEFAULT_CONFIG["num_classes"])}
+
+
+def sampling_config(stored_args: Mapping, **given) -> dict:
+    """How to sample a checkpoint: {image_size (pixels), objective, vae ('none': pixel space), vae_scaling_factor}.
+    Each value given (not None) wins, then `stored_args`, then DEFAULT_SAMPLING."""
+    unknown = set(given) - set(DEFAULT_SAMPLING)
+    if unknown:
+        raise TypeError(f"sampling_config() got unexpected arguments {sorted(unknown)}")
+    stored = {k: stored_args.get(k) for k in DEFAULT_SAMPLING}
+    if "vae" in stored_args:  # a run that stores no VAE was trained in pixel space
+        stored["vae"] = stored_args["vae"] or "none"
+    return {k: given.get(k) or stored[k] or default for k, default in DEFAULT_SAMPLING.items()}
 
 
 def build_fcdm(config: Mapping, state: Mapping[str, torch.Tensor], learn_sigma: bool | None = None) -> FCDM:
@@ -187,5 +203,6 @@ def load_fcdm(path: str, prefer_ema: bool = True, learn_sigma: bool | None = Non
     return model.to(device).eval(), loaded
 
 
-__all__ = ["CheckpointError", "DEFAULT_CONFIG", "LoadedCheckpoint", "build_fcdm", "fit_state", "load_fcdm",
-           "load_model_weights", "model_config", "read_checkpoint_args", "read_checkpoint_file", "read_model_state"]
+__all__ = ["CheckpointError", "DEFAULT_CONFIG", "DEFAULT_SAMPLING", "LoadedCheckpoint", "build_fcdm", "fit_state",
+           "load_fcdm", "load_model_weights", "model_config", "read_checkpoint_args", "read_checkpoint_file",
+           "read_model_state", "sampling_config"]

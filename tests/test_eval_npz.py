@@ -147,3 +147,11 @@ def test_a_torn_or_foreign_shard_is_redone_and_never_merged(tmp_path):
     assert not (tmp_path / "out.npz").exists() and not (tmp_path / "out.npz.tmp").exists()
     with pytest.raises(ValueError, match="block 1 has 2 samples, got 2 labels and 3 images"):
         shards.write(1, labels=np.zeros(2), images=random_images(rng, count=3))
+
+
+def test_a_rerun_with_other_settings_is_refused(tmp_path):
+    shards = NpzShards(tmp_path, [np.arange(2)])
+    shards.record_settings({"steps": 50, "interval": (0.1, 0.9)})
+    NpzShards(tmp_path, [np.arange(2)]).record_settings({"steps": 50, "interval": [0.1, 0.9]})  # the same run
+    with pytest.raises(ValueError, match=r"other settings \(cfg, steps differ\)"):
+        NpzShards(tmp_path, [np.arange(2)]).record_settings({"steps": 25, "interval": [0.1, 0.9], "cfg": 1.5})

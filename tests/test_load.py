@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fcdm
-from fcdm.load import DEFAULT_CONFIG, CheckpointError, load_fcdm, model_config
+from fcdm.load import DEFAULT_CONFIG, DEFAULT_SAMPLING, CheckpointError, load_fcdm, model_config, sampling_config
 
 
 def random_fcdm(**kwargs):
@@ -71,3 +71,14 @@ def test_a_bare_state_dict_needs_its_architecture_named(tmp_path):
     assert loaded.weights == "bare" and loaded.args == {}
     with pytest.raises(CheckpointError, match="does not exist"):
         load_fcdm(str(tmp_path / "missing.pt"))
+
+
+def test_how_a_checkpoint_is_sampled():
+    trained = {"image_size": 64, "objective": "flow", "vae": "my/vae", "vae_scaling_factor": 0.5, "lr": 1e-4}
+    assert sampling_config(trained) == {"image_size": 64, "objective": "flow", "vae": "my/vae", "vae_scaling_factor": 0.5}
+    assert sampling_config(trained, image_size=32, vae=None)["image_size"] == 32  # None: not given
+    assert sampling_config({"vae": None, "input_size": 8})["vae"] == "none"        # trained in pixel space
+    assert sampling_config({}) == DEFAULT_SAMPLING == {"image_size": 256, "objective": "ddpm",
+                                                       "vae": "stabilityai/sd-vae-ft-ema", "vae_scaling_factor": 0.18215}
+    with pytest.raises(TypeError, match="cfg_scale"):
+        sampling_config({}, cfg_scale=1.5)

@@ -8,6 +8,7 @@ missing ones) and streams the blocks, in sample order, into one .npz.
 """
 from __future__ import annotations
 
+import json
 import os
 import zipfile
 from typing import Iterator
@@ -157,7 +158,23 @@ class NpzShards:
 
     def __init__(self, directory, blocks: list[np.ndarray]):
         self.directory, self.blocks = os.fspath(directory), blocks
+        self.settings_path = os.path.join(self.directory, "config.json")
         os.makedirs(os.path.join(self.directory, "shards"), exist_ok=True)
+
+    def record_settings(self, settings: dict) -> None:
+        """Write `settings` (what the samples depend on) beside the shards of a new run; on a rerun, ValueError naming
+        every setting that differs, so that shards of two different runs are never merged."""
+        settings = json.loads(json.dumps(settings))  # as a reread would see them: tuples become lists
+        if os.path.exists(self.settings_path):
+            with open(self.settings_path) as f:
+                old = json.load(f)
+            differ = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            if differ:
+                raise ValueError(f"{self.directory} holds a run with other settings ({', '.join(differ)} differ)")
+            return
+        with open(self.settings_path + ".tmp", "w") as f:
+            json.dump(settings, f, indent=1)
+        os.replace(self.settings_path + ".tmp", self.settings_path)
 
     def path(self, k: int) -> str:
         return os.path.join(self.directory, "shards", f"batch_{k:06d}.npz")
