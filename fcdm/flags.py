@@ -6,30 +6,51 @@ Each program passes the help text that says what the flag means there (the VAE's
 from __future__ import annotations
 
 import argparse
+import math
+import os
 
 from fcdm_kernels.dispatch import BACKENDS
 
 DEVICES = ("auto", "cpu", "cuda")
 
 
-def positive(kind):
-    """An argparse type: `kind(text)`, refused unless > 0."""
+def _checked(kind, ok, wanted: str):
     def parse(text):
         value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        if not (math.isfinite(value) and ok(value)):
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}")
         return value
     return parse
+
+
+def positive(kind):
+    """An argparse type: `kind(text)`, refused unless finite and > 0."""
+    return _checked(kind, lambda v: v > 0, "positive")
 
 
 def non_negative(kind):
-    """An argparse type: `kind(text)`, refused unless >= 0."""
-    def parse(text):
-        value = kind(text)
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-        return value
-    return parse
+    """An argparse type: `kind(text)`, refused unless finite and >= 0."""
+    return _checked(kind, lambda v: v >= 0, ">= 0")
+
+
+def unit_interval(include_one: bool = True):
+    """An argparse type: a float in [0, 1], or [0, 1) without include_one."""
+    if include_one:
+        return _checked(float, lambda v: 0 <= v <= 1, "in [0, 1]")
+    return _checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
+
+
+def existing_file(text: str) -> str:
+    """An argparse type: the path of an existing file."""
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"{text!r} does not exist or is not a file")
+    return text
+
+
+def add_switch(group, flag: str, default, help: str) -> None:
+    """A boolean --flag / --no-flag. A stray value, such as the official `--ddpm False`, is refused rather than read
+    as True."""
+    group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help)
 
 
 def add_backend_flag(group) -> None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from fcdm.flags import add_backend_flag, add_device_flag, add_vae_flags, non_negative, positive
+from fcdm.flags import (add_backend_flag, add_device_flag, add_switch, add_vae_flags, existing_file, non_negative,
+                        positive, unit_interval)
 from fcdm.load import model_config, read_checkpoint_args
 from fcdm.models import FCDM_CONFIGS
 from fcdm.objectives import OBJECTIVES
@@ -72,7 +73,8 @@ def add_model_flags(g) -> None:
                    help="override the config's 5 block counts (enc1 enc2 latent dec2 dec1)")
     g.add_argument("--objective", choices=list(OBJECTIVES), default="ddpm",
                    help="ddpm: 1000-step DDPM, learned sigma, hybrid loss (the paper); flow: flow matching")
-    g.add_argument("--class-dropout-prob", type=nonneg(float), default=0.1, help="label dropout for CFG")
+    g.add_argument("--class-dropout-prob", type=unit_interval(include_one=False), default=0.1,
+                   help="label dropout for CFG")
     add_backend_flag(g)
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in the backward")
 
@@ -85,9 +87,8 @@ def add_optimisation_flags(g) -> None:
     g.add_argument("--weight-decay", type=nonneg(float), default=0.0)
     g.add_argument("--warmup-steps", type=nonneg(int), default=None, help="linear lr warmup, then constant")
     g.add_argument("--max-grad-norm", type=nonneg(float), default=0.0, help="clip gradients (0 = off)")
-    g.add_argument("--ema-decay", type=nonneg(float), default=0.9999)
-    g.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=None,
-                   help="decay min(ema_decay, (1+step)/(10+step)); on for the demo")
+    g.add_argument("--ema-decay", type=unit_interval(include_one=False), default=0.9999)
+    add_switch(g, "--ema-warmup", None, "decay min(ema_decay, (1+step)/(10+step)); on for the demo")
     g.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="autocast dtype; auto = bf16 on GPU, fp32 on CPU")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -112,16 +113,16 @@ def add_output_flags(g) -> None:
     g.add_argument("--log-every", type=pos(int), default=None)
     g.add_argument("--sample-every", type=nonneg(int), default=None, help="EMA sample grid every N steps (0 = end)")
     g.add_argument("--eval-every", type=nonneg(int), default=None, help="evaluate the EMA every N steps, keep best.pt")
-    g.add_argument("--final-eval", action=argparse.BooleanOptionalAction, default=None,
-                   help="evaluate once at the end (on for the demo)")
+    add_switch(g, "--final-eval", None, "evaluate once at the end (on for the demo)")
     g.add_argument("--eval-samples", type=pos(int), default=None, help="images generated per evaluation")
-    g.add_argument("--fid-ref", default=None, help="ADM reference .npz: evaluate with Inception FID (fcdm.eval)")
+    g.add_argument("--fid-ref", type=existing_file, default=None,
+                   help="ADM reference .npz: evaluate with Inception FID (fcdm.eval)")
     g.add_argument("--cfg-scale", type=nonneg(float), default=None)
     g.add_argument("--num-sampling-steps", type=pos(int), default=None)
     g.add_argument("--sampler", default=None, help="fcdm.sampling sampler (default: ddpm, or sde for flow)")
     g.add_argument("--resume", default=None, help="'auto' (newest valid checkpoint of the run) or a path")
-    g.add_argument("--ckpt", default=None, help="official flag: start from this checkpoint (exact resume when it "
-                                                "is one of ours, weights only when official)")
+    g.add_argument("--ckpt", type=existing_file, default=None, help="official flag: start from this checkpoint "
+                   "(exact resume when it is one of ours, weights only when official)")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar (logs still go to log.txt)")
 
 
@@ -162,18 +163,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                        ("--label-path", args.label_path), ("--latent-store", args.latent_store)):
         if path and not os.path.isdir(path):
             p.error(f"{flag} {path!r} is not a directory")
-    if args.fid_ref and not os.path.isfile(args.fid_ref):
-        p.error(f"--fid-ref {args.fid_ref!r} does not exist")
     if args.resume and args.ckpt:
         p.error("give --resume or --ckpt, not both")
     if args.resume and args.resume != "auto" and not os.path.isfile(args.resume):
         p.error(f"--resume {args.resume!r} is neither 'auto' nor an existing file")
-    if args.ckpt and not os.path.isfile(args.ckpt):
-        p.error(f"--ckpt {args.ckpt!r} does not exist")
-    if args.ema_decay >= 1:
-        p.error(f"--ema-decay must be < 1, got {args.ema_decay}")
-    if args.class_dropout_prob >= 1:
-        p.error(f"--class-dropout-prob must be < 1, got {args.class_dropout_prob}")
 
     args.data_source = data_source(args)
     architecture_from_checkpoint(args)
