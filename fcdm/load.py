@@ -184,6 +184,14 @@ class LoadedCheckpoint:
     config: dict         # model_config's result plus learn_sigma: what the model was built with
     args: dict           # the training args stored in the checkpoint ({} when it has none)
     has_null_label: bool  # the label table has the null row, so classifier-free guidance can run
+    prefer_ema: bool = True
+
+    def describe(self) -> str:
+        """Which weights were loaded, and why, e.g. "its EMA weights ('ema')"."""
+        if self.weights == "ema":
+            return "its EMA weights ('ema')"
+        why = "EMA weights not preferred" if not self.prefer_ema else "the checkpoint has no EMA weights"
+        return f"its {self.weights!r} weights, {why}"
 
 
 def load_fcdm(path: str, prefer_ema: bool = True, learn_sigma: bool | None = None,
@@ -199,7 +207,7 @@ def load_fcdm(path: str, prefer_ema: bool = True, learn_sigma: bool | None = Non
     model = build_fcdm(config, state, learn_sigma)
     fit_state(model, state, f"checkpoint {path!r} ({which})")
     config["learn_sigma"] = model.learn_sigma
-    loaded = LoadedCheckpoint(path, which, config, args, has_null_label=model.y_embedder_1.has_null_class)
+    loaded = LoadedCheckpoint(path, which, config, args, model.y_embedder_1.has_null_class, prefer_ema)
     return model.to(device).eval(), loaded
 
 

@@ -30,8 +30,9 @@ def test_a_trainer_checkpoint_loads_with_its_path_alone(tmp_path):
     assert loaded.has_null_label and model.num_classes == 4 and not model.learn_sigma
     assert all(torch.equal(model.state_dict()[k], v) for k, v in ema.items())
 
+    assert loaded.describe() == "its EMA weights ('ema')"
     model, loaded = load_fcdm(str(tmp_path / "run.pt"), prefer_ema=False)
-    assert loaded.weights == "model"
+    assert loaded.weights == "model" and loaded.describe() == "its 'model' weights, EMA weights not preferred"
     assert all(torch.equal(model.state_dict()[k], v) for k, v in trained.state_dict().items())
 
 
@@ -69,6 +70,7 @@ def test_a_bare_state_dict_needs_its_architecture_named(tmp_path):
         load_fcdm(str(tmp_path / "bare.pt"), num_classes=3)  # taken for the default, FCDM-XL
     model, loaded = load_fcdm(str(tmp_path / "bare.pt"), model="FCDM-T", num_classes=3)
     assert loaded.weights == "bare" and loaded.args == {}
+    assert loaded.describe() == "its 'bare' weights, the checkpoint has no EMA weights"
     with pytest.raises(CheckpointError, match="does not exist"):
         load_fcdm(str(tmp_path / "missing.pt"))
 

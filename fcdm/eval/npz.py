@@ -150,14 +150,18 @@ def save_batch(path, images: np.ndarray, **extra) -> None:
 
 
 class NpzShards:
-    """A batch of samples written block by block under <directory>/shards, then merged into one ADM .npz.
+    """`count` samples written in blocks of `block_size` under <directory>/shards, then merged into one ADM .npz.
 
-    `blocks[k]` lists the sample indices of block k (in sample order over all blocks). A block's shard holds its
-    indices, labels and images, and is written atomically, so a shard that exists is complete; done(k) also checks
-    that it holds block k's samples, so a torn or foreign file is simply redone."""
+    Block k holds samples [k * block_size, (k + 1) * block_size), the last one fewer (`blocks[k]`, their indices).
+    A block's shard holds its indices, labels and images, and is written atomically, so a shard that exists is
+    complete; done(k) also checks that it holds block k's samples, so a torn or foreign file is simply redone."""
 
-    def __init__(self, directory, blocks: list[np.ndarray]):
-        self.directory, self.blocks = os.fspath(directory), blocks
+    def __init__(self, directory, count: int, block_size: int):
+        if count < 1 or block_size < 1:
+            raise ValueError(f"count and block_size must be >= 1, got {count} and {block_size}")
+        self.directory = os.fspath(directory)
+        self.blocks = [np.arange(start, min(start + block_size, count), dtype=np.int64)
+                       for start in range(0, count, block_size)]
         self.settings_path = os.path.join(self.directory, "config.json")
         os.makedirs(os.path.join(self.directory, "shards"), exist_ok=True)
 
@@ -175,6 +179,11 @@ class NpzShards:
         with open(self.settings_path + ".tmp", "w") as f:
             json.dump(settings, f, indent=1)
         os.replace(self.settings_path + ".tmp", self.settings_path)
+
+    def todo(self, rank: int = 0, world_size: int = 1) -> tuple[list[int], list[int]]:
+        """(the blocks of process `rank` of `world_size`: every world_size-th from `rank`, those not done yet)."""
+        mine = list(range(rank, len(self.blocks), world_size))
+        return mine, [k for k in mine if not self.done(k)]
 
     def path(self, k: int) -> str:
         return os.path.join(self.directory, "shards", f"batch_{k:06d}.npz")
