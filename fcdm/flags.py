@@ -9,6 +9,8 @@ import argparse
 import math
 import os
 
+import torch
+
 from fcdm_kernels.dispatch import BACKENDS
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -58,8 +60,15 @@ def add_backend_flag(group) -> None:
                        help="fused-op backend (default: the FCDM_BACKEND environment variable, else auto)")
 
 
+def _device(text: str) -> str:
+    if text == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError("cuda was asked for, but no CUDA GPU is visible")
+    return text
+
+
 def add_device_flag(group) -> None:
-    group.add_argument("--device", choices=DEVICES, default="auto",
+    """--device auto | cpu | cuda; cuda is refused at once where no GPU is visible."""
+    group.add_argument("--device", type=_device, choices=DEVICES, default="auto",
                        help="auto: this process's GPU when there is one, else the CPU")
 
 

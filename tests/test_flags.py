@@ -53,3 +53,12 @@ def test_the_shared_flags_are_the_same_in_every_program(tmp_path):
     assert (train.backend, train.device, train.vae) == ("triton", "cpu", "v") == ("triton", extract.device, extract.vae)
     backend = next(a for a in train_parser()._actions if a.dest == "backend")
     assert tuple(backend.choices) == BACKENDS and set(flags.DEVICES) == {"auto", "cpu", "cuda"}
+
+
+def test_cuda_without_a_gpu_is_refused_at_once(monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert one_flag(flags.add_device_flag, "--device", "cpu").device == "cpu"
+    with pytest.raises(argparse.ArgumentError, match="--device: cuda was asked for, but no CUDA GPU is visible"):
+        one_flag(flags.add_device_flag, "--device", "cuda")
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    assert one_flag(flags.add_device_flag, "--device", "cuda").device == "cuda"
