@@ -8,6 +8,7 @@ GB for a CUDA build. The commands then run from an empty directory, and the test
 """
 import json
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -40,13 +41,17 @@ def installed(tmp_path_factory):
     root = tmp_path_factory.mktemp("wheel")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
     env.update(FCDM_SKIP_CUDA="1", OMP_NUM_THREADS="1")  # the wheel's pure-Python part is what is tested here
+    # From a copy without build output: setuptools would pack stale files left in build/lib by an earlier build.
+    source = root / "source"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "dist", "results", "*.so",
+                                                                 "*.egg-info", "__pycache__", ".pytest_cache"))
     run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "--wheel-dir",
-         root / "dist", REPO], cwd=root, env=env)
+         root / "dist", source], cwd=root, env=env)
     (wheel,) = (root / "dist").glob("fcdm-*.whl")
     venv = root / "venv"
     run([sys.executable, "-m", "venv", "--without-pip", venv], cwd=root, env=env)
-    purelib = Path(subprocess.run([venv / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                                  capture_output=True, text=True, check=True).stdout.strip())
+    purelib = Path(run([venv / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                       cwd=root, env=env).stdout.strip())
     # Paths listed in a .pth file join sys.path after the venv's own site-packages, and the .pth files inside them
     # (such as an editable install's hook) are not run, so fcdm can only come from the wheel.
     (purelib / "third_party.pth").write_text("\n".join(site.getsitepackages() + [sysconfig.get_path("purelib")]) + "\n")

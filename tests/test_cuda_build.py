@@ -202,12 +202,11 @@ def test_cmake_builds_the_same_module():
 @pytest.mark.cuda_build
 @pytest.mark.parametrize("how", ["wrapper_on_path", "cuda_home"])
 def test_cmake_finds_the_toolkit_behind_a_wrapper_or_cuda_home(how, tmp_path):
-    """Without -DCMAKE_CUDA_COMPILER: nvcc is a wrapper script outside the toolkit, first on PATH (as /usr/local/bin/nvcc
-    is on some machines), or only CUDA_HOME names the toolkit. The configure resolves the real toolkit root and hands it
-    to torch's CMake config, whose legacy FindCUDA (in a CUDA build of torch) would otherwise guess a root without the
-    headers and libraries."""
-    real_nvcc = complete_toolkit_nvcc()
-    root = build.toolkit_root(real_nvcc)
+    """Without -DCMAKE_CUDA_COMPILER: nvcc is a wrapper script outside the toolkit, first on PATH (as
+    /usr/local/bin/nvcc is on some machines), or only CUDA_HOME names the toolkit. The configure resolves the real
+    toolkit root and hands it to torch's CMake config, whose legacy FindCUDA (in a CUDA build of torch) would otherwise
+    guess a root without the headers and libraries."""
+    root = build.toolkit_root(complete_toolkit_nvcc())
     env = {k: v for k, v in os.environ.items() if k not in ("CUDA_HOME", "CUDA_PATH", "CUDACXX")}
     if how == "wrapper_on_path":
         wrapper_dir = tmp_path / "bin"
