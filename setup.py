@@ -37,6 +37,13 @@ def cuda_extension_modules():
     sources = [os.path.relpath(p, ROOT) for p in build.sources()]
     if not sources:
         return skip("no CUDA sources in csrc/")
+    nvcc = build.find_nvcc()
+    if nvcc is None:
+        return skip("nvcc not found; set CUDA_HOME to the CUDA toolkit")
+    # torch.utils.cpp_extension takes the parent of the first nvcc on PATH for CUDA_HOME, which is wrong where that
+    # nvcc is a link or wrapper outside the toolkit (/usr/local/bin/nvcc): name the toolkit nvcc itself reports.
+    if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")):
+        os.environ["CUDA_HOME"] = str(build.toolkit_root(nvcc))
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
@@ -46,7 +53,7 @@ def cuda_extension_modules():
     if torch.version.cuda is None:
         return skip(f"torch {torch.__version__} is a CPU-only build")
     if CUDA_HOME is None or not os.path.isfile(os.path.join(CUDA_HOME, "bin", "nvcc")):
-        return skip("nvcc not found; set CUDA_HOME to the CUDA toolkit")
+        return skip(f"no nvcc in CUDA_HOME={CUDA_HOME}; set CUDA_HOME to the CUDA toolkit")
     if not force and not torch.cuda.is_available():
         return skip("no GPU visible; set FCDM_FORCE_CUDA=1 to build for TORCH_CUDA_ARCH_LIST (default 9.0) anyway")
     # torch.utils.cpp_extension reads the target architectures from this variable.

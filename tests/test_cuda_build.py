@@ -41,10 +41,21 @@ def load_by_path(name: str, relative: str):
 build = load_by_path("fcdm_cuda_build", "fcdm_kernels/cuda/build.py")
 
 
+def complete_toolkit_nvcc() -> str:
+    """nvcc, after skipping the test where there is none or its toolkit lacks what the builds need (saying what)."""
+    nvcc = build.find_nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found (set CUDA_HOME): cannot compile the CUDA extension")
+    root = build.toolkit_root(nvcc)
+    missing = build.missing_toolkit_parts(root)
+    if missing:
+        pytest.skip(f"the CUDA toolkit at {root} (of {nvcc}) is incomplete: it has no {', '.join(missing)}")
+    return nvcc
+
+
 @pytest.fixture(scope="module")
 def ci_module() -> Path:
-    if build.find_nvcc() is None:
-        pytest.skip("nvcc not found (set CUDA_HOME): cannot compile the CUDA extension")
+    complete_toolkit_nvcc()
     start = time.perf_counter()
     path = build.ci_build(BUILD_DIR, arch="9.0")
     print(f"CUDA extension built (or found up to date) in {time.perf_counter() - start:.1f} s: {path}")
@@ -155,22 +166,29 @@ def test_module_registers_ops(ci_module):
     assert result.returncode == 0 and "REGISTRATION OK" in result.stdout, result.stdout + result.stderr
 
 
+def cmake_configure(build_dir: Path, *options: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Configure CMakeLists.txt into build_dir (from scratch) for this Python's torch, sm_90, with Ninja."""
+    import shutil
+    complete_toolkit_nvcc()
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        pytest.skip("cmake not found")
+    shutil.rmtree(build_dir, ignore_errors=True)
+    ninja = shutil.which("ninja") or str(Path(sys.executable).parent / "ninja")
+    command = [cmake, "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}",
+               f"-DPython_EXECUTABLE={sys.executable}", "-DCMAKE_CUDA_ARCHITECTURES=90", *options]
+    return subprocess.run(command, capture_output=True, text=True, env=env)
+
+
 @pytest.mark.cuda_build
 def test_cmake_builds_the_same_module():
     """CMakeLists.txt compiles the same sources into a module that registers the same ops (build/cuda_cmake/)."""
-    import shutil as _shutil
-    cmake, nvcc = _shutil.which("cmake"), build.find_nvcc()
-    if cmake is None or nvcc is None:
-        pytest.skip("cmake or nvcc not found")
     build_dir = ROOT / "build" / "cuda_cmake"
     module_dir = build_dir / "module"
-    ninja = _shutil.which("ninja") or str(Path(sys.executable).parent / "ninja")
-    configure = [cmake, "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}",
-                 f"-DPython_EXECUTABLE={sys.executable}", f"-DCMAKE_CUDA_COMPILER={nvcc}",
-                 f"-DFCDM_MODULE_DIR={module_dir}", "-DCMAKE_CUDA_ARCHITECTURES=90"]
-    for cmd in (configure, [cmake, "--build", str(build_dir), "-j", "2"]):
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    result = cmake_configure(build_dir, f"-DCMAKE_CUDA_COMPILER={build.find_nvcc()}", f"-DFCDM_MODULE_DIR={module_dir}")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    result = subprocess.run(["cmake", "--build", str(build_dir), "-j", "2"], capture_output=True, text=True)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
     commands = (build_dir / "compile_commands.json").read_text()
     assert all(str(src) in commands for src in build.sources())
     assert "sm_90" in commands or "arch=compute_90" in commands
@@ -179,6 +197,33 @@ def test_cmake_builds_the_same_module():
     result = subprocess.run([sys.executable, "-c", REGISTRATION_CHECK, str(module)], capture_output=True, text=True,
                             cwd=ROOT, env=env, timeout=120)
     assert result.returncode == 0 and "REGISTRATION OK" in result.stdout, result.stdout + result.stderr
+
+
+@pytest.mark.cuda_build
+@pytest.mark.parametrize("how", ["wrapper_on_path", "cuda_home"])
+def test_cmake_finds_the_toolkit_behind_a_wrapper_or_cuda_home(how, tmp_path):
+    """Without -DCMAKE_CUDA_COMPILER: nvcc is a wrapper script outside the toolkit, first on PATH (as
+    /usr/local/bin/nvcc is on some machines), or only CUDA_HOME names the toolkit. The configure resolves the real
+    toolkit root and hands it to torch's CMake config, whose legacy FindCUDA (in a CUDA build of torch) would otherwise
+    guess a root without the headers and libraries."""
+    root = build.toolkit_root(complete_toolkit_nvcc())
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_HOME", "CUDA_PATH", "CUDACXX")}
+    if how == "wrapper_on_path":
+        wrapper_dir = tmp_path / "bin"
+        wrapper_dir.mkdir()
+        (wrapper_dir / "nvcc").write_text(f'#!/bin/sh\nexec "{root / "bin" / "nvcc"}" "$@"\n')
+        (wrapper_dir / "nvcc").chmod(0o755)
+        env["PATH"] = os.pathsep.join([str(wrapper_dir), env.get("PATH", "")])
+    else:
+        env["CUDA_HOME"] = str(root)
+        env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep)
+                                      if p and not (Path(p) / "nvcc").exists())
+    result = cmake_configure(tmp_path / "build", f"-DFCDM_MODULE_DIR={tmp_path / 'module'}", env=env)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-6000:]
+    assert f"fcdm: CUDA toolkit root {root}" in output, output[-6000:]
+    if torch.version.cuda is not None:  # only a CUDA build of torch looks for the toolkit itself
+        assert f"PyTorch: CUDA toolkit directory: {root}" in output, output[-6000:]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

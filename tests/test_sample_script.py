@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fcdm
-import sample
+from fcdm.cli import sample
 from fcdm.load import CheckpointError, load_model_weights, read_model_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

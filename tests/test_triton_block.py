@@ -51,23 +51,36 @@ def test_torch_compile_fullgraph_matches_eager(device):
 @pytest.mark.parametrize("dtype", ["bf16", "fp32", "fp16"])
 def test_every_kernel_compiles_for_sm90_without_spills(dtype):
     """The interpreter never lowers the kernels: compile each one to an H100 cubin with the tile configs launch.py
-    picks on CUDA at every FCDM-XL width, as a GPU launch would, and fail if a default config spills registers."""
+    picks on CUDA at every FCDM-XL width, as a GPU launch would. A compile error fails. A default config that spills
+    fails under FCDM_STRICT_SPILLS=1 (CI's pinned Triton, one the configs were tuned on) and is reported as a warning
+    elsewhere: how many bytes ptxas spills depends on the compiler release, and a spill costs speed, not correctness."""
     import os
     import re
     import subprocess
     import sys
-    from fcdm_kernels.triton import block, dwconv_ln_modulate, grn_mlp
+    import warnings
+    from fcdm_kernels.triton import block, compile_check, dwconv_ln_modulate, grn_mlp
+    strict = compile_check.strict_spills()
+    if strict and compile_check.triton_release() not in compile_check.TUNED_TRITON:
+        pytest.fail(f"FCDM_STRICT_SPILLS=1 but Triton {triton.__version__} is not one the configs were tuned on "
+                    f"(compile_check.TUNED_TRITON = {compile_check.TUNED_TRITON}): pin a tuned release or retune")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-m", "fcdm_kernels.triton.compile_check", "--arch", "90", "--dtype", dtype,
-                          "--fail-on-spill"], capture_output=True, text=True, env=env, timeout=300)
+    command = [sys.executable, "-m", "fcdm_kernels.triton.compile_check", "--arch", "90", "--dtype", dtype]
+    run = subprocess.run(command + (["--fail-on-spill"] if strict else []), capture_output=True, text=True, env=env,
+                         timeout=300)
     if "ptxas" in run.stdout + run.stderr and "not found" in run.stdout + run.stderr:
         pytest.skip("Triton's bundled ptxas is unavailable here")
     assert run.returncode == 0, run.stdout + run.stderr
-    compiled = set(re.findall(r"^OK +(\w+)", run.stdout, flags=re.M))
+    compiled = set(re.findall(r"^(?:OK|SPILL) +(\w+)", run.stdout, flags=re.M))
     kernels = {name for module in (block, dwconv_ln_modulate, grn_mlp) for name in vars(module)
                if name.startswith("_") and name.endswith("_kernel")}
     assert kernels and compiled == kernels, run.stdout
-    assert all("REG:" in line for line in run.stdout.splitlines() if line.startswith("OK")), run.stdout
+    assert all("REG:" in line for line in run.stdout.splitlines() if line.startswith(("OK", "SPILL"))), run.stdout
+    spills = [line for line in run.stdout.splitlines() if line.startswith("SPILL")]
+    if spills:  # only reachable when not strict: --fail-on-spill made them a non-zero exit above
+        warnings.warn(f"Triton {triton.__version__} (the configs were tuned on {', '.join(compile_check.TUNED_TRITON)})"
+                      f" spills in {len(spills)} default {dtype} config(s) for sm_90; slower there, not wrong. "
+                      f"FCDM_STRICT_SPILLS=1 makes this a failure:\n" + "\n".join(spills), stacklevel=1)
 
 
 # ------------------------------------------------------------------------------------------------------ whole models

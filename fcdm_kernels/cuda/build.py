@@ -53,6 +53,30 @@ def find_nvcc() -> str | None:
     return shutil.which("nvcc")
 
 
+def toolkit_root(nvcc: str) -> Path:
+    """The CUDA toolkit nvcc belongs to, as nvcc itself reports it: nvcc may be a link or a wrapper script outside
+    the toolkit (/usr/local/bin/nvcc), whose parent directory then holds no CUDA headers or libraries."""
+    try:
+        out = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull], capture_output=True,
+                             text=True, timeout=60)
+        for line in (out.stdout + out.stderr).splitlines():
+            if line.startswith("#$ TOP="):
+                return Path(line.split("=", 1)[1].strip()).resolve()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return Path(nvcc).resolve().parents[1]
+
+
+def missing_toolkit_parts(root: Path) -> list[str]:
+    """What the builds need from the toolkit at root and cannot find there: the runtime headers (cuda.h is what torch's
+    CMake config checks the version with) and the CUDA runtime library, shared and static."""
+    include_dirs = [root / "include", *root.glob("targets/*/include")]
+    lib_dirs = [root / "lib64", root / "lib", *root.glob("targets/*/lib")]
+    wanted = [("include", name, include_dirs) for name in ("cuda.h", "cuda_runtime.h")]
+    wanted += [("lib64", name, lib_dirs) for name in ("libcudart.so", "libcudart_static.a")]
+    return [f"{where}/{name}" for where, name, dirs in wanted if not any((d / name).exists() for d in dirs)]
+
+
 def jit_load(verbose: bool = False):
     """Compile (once, cached by torch under TORCH_EXTENSIONS_DIR) and import the extension; returns the module."""
     from torch.utils.cpp_extension import load
@@ -81,7 +105,7 @@ def _ninja_file(build_dir: Path, arch: str) -> str:
     import torch
     torch_dir = Path(torch.__file__).resolve().parent
     nvcc = find_nvcc()
-    cuda_home = Path(nvcc).resolve().parents[1]
+    cuda_home = toolkit_root(nvcc)
     includes = [CSRC, torch_dir / "include", torch_dir / "include" / "torch" / "csrc" / "api" / "include",
                 Path(sysconfig.get_paths()["include"]), cuda_home / "include"]
     inc = " ".join(f"-I{p}" for p in includes)

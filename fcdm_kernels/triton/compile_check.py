@@ -7,9 +7,14 @@ model and at FCDM-T's narrowest, to a cubin and prints ptxas's registers and spi
 
     python -m fcdm_kernels.triton.compile_check [--arch 90] [--dtype bf16] [--fail-on-spill] [--all-candidates]
 
---all-candidates also compiles every GEMM config the tuner may time (not only the untuned default), and
---fail-on-spill makes a spill in a default config a failure. TRITON_INTERPRET must be unset (the decorators must
-build real JIT functions); the exit status is 1 if any kernel fails.
+--all-candidates also compiles every GEMM config the tuner may time (not only the untuned default). A default config
+that spills is printed as SPILL; --fail-on-spill makes it a failure. TRITON_INTERPRET must be unset (the decorators
+must build real JIT functions); the exit status is 1 if any kernel fails.
+
+Spill counts belong to one compiler: the default configs were tuned to be spill-free with the Triton versions in
+TUNED_TRITON, and another version's ptxas may keep a few bytes of stack for the same kernel. A spill costs speed, not
+correctness, so the test suite fails on it only where FCDM_STRICT_SPILLS=1 (CI's pinned toolchain) and reports it
+everywhere else.
 """
 from __future__ import annotations
 
@@ -32,6 +37,8 @@ from . import launch
 
 # Integer arguments that are multiples of 16 at every FCDM width get Triton's divisibility hint, as a launch would.
 _DIVISIBLE = {"C", "N", "K", "J"}
+# Triton releases (major.minor) on which every default config compiles for sm_90 without spills.
+TUNED_TRITON = ("3.6", "3.9")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # (channels, pixels per image) of the three FCDM-XL levels at 256px (a 32x32 latent), then FCDM-T's first level at
 # 128px, whose 32-channel GEMM2 output is narrower than every wide tile.
@@ -124,6 +131,16 @@ def spill_bytes(usage: str) -> int:
     return int(found.group(1)) if found else 0
 
 
+def triton_release() -> str:
+    """The installed Triton's major.minor, as TUNED_TRITON records it."""
+    return ".".join(triton.__version__.split(".")[:2])
+
+
+def strict_spills() -> bool:
+    """Whether a spill fails the test suite: FCDM_STRICT_SPILLS=1, which CI sets for its pinned toolchain."""
+    return os.environ.get("FCDM_STRICT_SPILLS") == "1"
+
+
 def _describe(constexprs: dict, options: dict) -> str:
     keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_P", "BLOCK_C", "BLOCK_J")
     tile = "x".join(str(constexprs[k]) for k in keys if k in constexprs)
@@ -133,7 +150,8 @@ def _describe(constexprs: dict, options: dict) -> str:
 
 def compile_all(arch: int, dtype: str, levels=LEVELS, all_candidates: bool = False,
                 fail_on_spill: bool = False) -> int:
-    """Compile each kernel at each level; print one line per launch config and return the number of failures."""
+    """Compile each kernel at each level; print one line per launch config (SPILL where a default config spills) and
+    return the number of failures (compile errors, and spills if fail_on_spill)."""
     target = GPUTarget("cuda", arch, 32)
     failures = 0
     seen = set()
@@ -155,8 +173,8 @@ def compile_all(arch: int, dtype: str, levels=LEVELS, all_candidates: bool = Fal
                 print(f"FAIL {label} {type(e).__name__}: {e}")
                 continue
             usage = _resource_usage(kernel.asm["cubin"])
-            if fail_on_spill and default and spill_bytes(usage) > 0:
-                failures += 1
+            if default and spill_bytes(usage) > 0:
+                failures += 1 if fail_on_spill else 0
                 print(f"SPILL {label} {usage}")
             else:
                 print(f"OK   {label} {usage}{'' if default else '  (tuning candidate)'}")
