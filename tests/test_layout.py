@@ -105,3 +105,11 @@ def test_tests_live_in_tests():
     elsewhere = [str(p.relative_to(REPO)) for root in ("fcdm", "fcdm_kernels", "benchmarks", "csrc")
                  for p in (REPO / root).rglob("test_*.py")]
     assert not elsewhere, elsewhere
+
+
+def test_the_entry_points_are_thin():
+    # The programs read flags and call the library; what they do lives in fcdm/ (DiT's sample_ddp.py is ~170 lines).
+    lines = {path: len((REPO / path).read_text().splitlines()) for path in
+             ("train.py", "sample.py", "fcdm/cli/train.py", "fcdm/cli/sample.py")}
+    assert lines["train.py"] <= 15 and lines["sample.py"] <= 15, lines
+    assert lines["fcdm/cli/sample.py"] < 220 and lines["fcdm/cli/train.py"] < 60, lines
