@@ -75,7 +75,7 @@ MUTATIONS = [
     Mutation("block-op-not-used", "fcdm_kernels/dispatch.py",
              "fused = implementation_on(\"convnext_block\", mlp_backend) if conv_backend == mlp_backend else None",
              "fused = implementation_on(\"convnext_block\", mlp_backend) if conv_backend != mlp_backend else None",
-             ("tests/test_triton_block_op.py::test_block_op_matches_fp64_reference",
+             ("tests/test_triton_block.py::test_block_op_matches_fp64_reference",
               "tests/test_dispatch.py::test_a_registered_whole_block_op_runs_the_block"),
              "the Triton whole-block op silently replaced by the two ops (right numbers, wrong implementation)"),
     Mutation("gelu-tanh-form", "fcdm_kernels/triton/grn_mlp.py",
