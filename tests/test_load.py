@@ -6,10 +6,12 @@ import pytest
 import torch
 
 import fcdm
-from fcdm.load import DEFAULT_CONFIG, DEFAULT_SAMPLING, CheckpointError, load_fcdm, model_config, sampling_config
+from fcdm.load import (DEFAULT_CONFIG, DEFAULT_SAMPLING, CheckpointError, load_fcdm, load_model_weights, model_config,
+                       read_model_state, sampling_config)
 
 
-def random_fcdm(**kwargs):
+def random_fcdm(**kwargs) -> torch.nn.Module:
+    """FCDM-T with every weight random (adaLN-zero init would make a constant predictor)."""
     model = fcdm.FCDM_models["FCDM-T"](**kwargs)
     for p in model.parameters():
         p.data.normal_(0, 0.05)
@@ -84,3 +86,24 @@ def test_how_a_checkpoint_is_sampled():
                                                        "vae": "stabilityai/sd-vae-ft-ema", "vae_scaling_factor": 0.18215}
     with pytest.raises(TypeError, match="cfg_scale"):
         sampling_config({}, cfg_scale=1.5)
+
+
+def test_checkpoint_reader(tmp_path):
+    model = random_fcdm(num_classes=5)
+    state = model.state_dict()
+    ema = {k: v + 1 for k, v in state.items()}
+    torch.save({"model": state, "ema": ema}, tmp_path / "both.pt")
+    got, which = read_model_state(str(tmp_path / "both.pt"))
+    assert which == "ema" and torch.equal(got["x_embedder.weight"], ema["x_embedder.weight"])
+    assert read_model_state(str(tmp_path / "both.pt"), prefer_ema=False)[1] == "model"
+    torch.save({"model": state}, tmp_path / "model_only.pt")
+    assert read_model_state(str(tmp_path / "model_only.pt"))[1] == "model"
+    torch.save({f"module._orig_mod.{k}": v for k, v in state.items()}, tmp_path / "wrapped.pt")
+    fresh = random_fcdm(num_classes=5)
+    assert load_model_weights(fresh, str(tmp_path / "wrapped.pt")) == "bare"
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in state.items())
+    torch.save({"step": 3, "opt": {}}, tmp_path / "no_weights.pt")
+    with pytest.raises(CheckpointError, match="no model weights"):
+        read_model_state(str(tmp_path / "no_weights.pt"))
+    with pytest.raises(CheckpointError, match="does not fit"):
+        load_model_weights(random_fcdm(num_classes=7), str(tmp_path / "both.pt"))
