@@ -23,6 +23,9 @@ from dataclasses import dataclass
 
 import torch
 import triton
+import triton.testing  # the tuner's timer, looked up at call time (tests replace it)
+from triton.compiler.errors import CompilationError
+from triton.runtime import errors
 
 from .cast import INTERPRETED
 
@@ -234,8 +237,6 @@ def _config_does_not_fit() -> tuple[type, ...]:
     """Triton's errors for "this config cannot run on this GPU": too much shared memory or too many threads
     (OutOfResources), and compile or ptxas failures. Anything else (out of memory, a CUDA error, a broken capture) is
     not the config's fault and must reach the caller."""
-    from triton.compiler.errors import CompilationError
-    from triton.runtime import errors
     return tuple(e for e in (errors.OutOfResources, CompilationError, getattr(errors, "PTXASError", None)) if e)
 
 
@@ -292,11 +293,10 @@ def gemm_config(op: str, m: int, n: int, k: int, pixels: int, dtype: torch.dtype
         return cands[0]
     if capturing(device):
         return cands[0]  # a later call outside the capture still tunes this key
-    from triton.testing import do_bench
     times, skipped = [], []
     for cfg in cands:
         try:
-            times.append((do_bench(lambda: run(cfg), warmup=5, rep=20), cfg))
+            times.append((triton.testing.do_bench(lambda: run(cfg), warmup=5, rep=20), cfg))
         except CONFIG_DOES_NOT_FIT as e:
             skipped.append(f"{cfg}: {type(e).__name__}: {e}")
     if not times:
