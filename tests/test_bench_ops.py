@@ -1,5 +1,5 @@
-"""pytest-benchmark versions of the op microbenchmarks (CUDA only, and only with --benchmark-only, so that neither
-an ordinary test run nor gpu_check's pytest stage spends its time on them):
+"""pytest-benchmark versions of the op microbenchmarks (CUDA only). A run over tests/ leaves them out unless
+--benchmark-only is given (tests/conftest.py), so neither an ordinary run nor gpu_check's pytest stage times them:
 
     pytest tests/test_bench_ops.py --benchmark-only --benchmark-group-by=group
     pytest tests/test_bench_ops.py --benchmark-only -k "block and 256px-L1 and bf16"
@@ -21,12 +21,6 @@ pytest.importorskip("pytest_benchmark")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="op benchmarks need CUDA")]
 
 _inputs_cache: dict = {}
-
-
-@pytest.fixture(autouse=True)
-def only_when_benchmarking(request):
-    if not request.config.getoption("benchmark_only", default=False):
-        pytest.skip("an op timing, not a test: run it with --benchmark-only")
 
 
 def _inputs(op, case, dtype):
