@@ -18,6 +18,17 @@ import torch
 
 SD_VAE = "stabilityai/sd-vae-ft-ema"  # the VAE of DiT and the official FCDM runs
 SD_VAE_SCALE = 0.18215
+# DiT's --vae spellings: the two fine-tuned Stable Diffusion decoders (same encoder, same latents and scale).
+VAE_ALIASES = {"ema": SD_VAE, "mse": "stabilityai/sd-vae-ft-mse"}
+PIXEL_SPACE = "none"  # --vae none: no autoencoder, the model works on pixels
+
+
+def resolve_vae_name(name: str | None) -> str | None:
+    """A --vae value -> what load_vae takes: 'ema' and 'mse' become their hub repositories (as in DiT), 'none'
+    (any case) becomes None (pixel space), and a directory or any other hub name passes through unchanged."""
+    if name is None or name.strip().lower() == PIXEL_SPACE:
+        return None
+    return VAE_ALIASES.get(name.strip().lower(), name)
 
 
 def load_vae(name_or_path: str, device: torch.device | str = "cpu"):
@@ -81,5 +92,5 @@ def _device_dtype(vae) -> tuple[torch.device, torch.dtype]:
     return parameter.device, parameter.dtype
 
 
-__all__ = ["SD_VAE", "SD_VAE_SCALE", "load_vae", "downsampling_factor", "latent_shape", "encode", "decode",
-           "to_uint8"]
+__all__ = ["SD_VAE", "SD_VAE_SCALE", "VAE_ALIASES", "PIXEL_SPACE", "resolve_vae_name", "load_vae",
+           "downsampling_factor", "latent_shape", "encode", "decode", "to_uint8"]

@@ -67,3 +67,12 @@ def test_to_uint8_rounds_as_dit_and_lays_out_nhwc():
     assert out.dtype == torch.uint8 and out.shape == (1, 2, 8, 3)
     assert out[0, 0, :, 0].tolist() == expected and out[0, 1, :, 2].tolist() == expected
     assert (out[..., 1] == 128).all()
+
+
+def test_resolve_vae_name_maps_dit_spellings_and_passes_others_through():
+    assert fvae.resolve_vae_name("ema") == "stabilityai/sd-vae-ft-ema" == fvae.SD_VAE
+    assert fvae.resolve_vae_name("MSE") == "stabilityai/sd-vae-ft-mse"
+    assert fvae.resolve_vae_name("none") is None and fvae.resolve_vae_name("None") is None
+    assert fvae.resolve_vae_name(None) is None
+    assert fvae.resolve_vae_name("/data/my-vae") == "/data/my-vae"
+    assert fvae.resolve_vae_name("org/other-vae") == "org/other-vae"
