@@ -107,9 +107,15 @@ def dwconv_norm_config(channels: int, pixels: int, dtype: torch.dtype, device: t
     sums (kept in registers across tiles) otherwise spill at C = 512 and 1024. A program covers several tiles, so the
     smaller tile costs no partial-sum memory."""
     cfg = dwconv_config(channels, pixels, dtype, device)
-    if dtype == torch.float32 and not interpreting(device):
-        return TileConfig(max(1, cfg.block_p // 2), cfg.block_c, cfg.num_warps)
-    return cfg
+    if interpreting(device):
+        return cfg
+    if dtype == torch.float32:
+        block_p = max(1, cfg.block_p // 2)
+        # A one-pixel tile (C = 2048) on 8 warps gets too few registers per thread and spills; on 4 warps it does not.
+        return TileConfig(block_p, cfg.block_c, 4 if block_p == 1 else cfg.num_warps)
+    # From 512 channels on, 8 warps spread the per-channel sums thinly enough that no compiler release we check
+    # spills them (benchmarks/NOTES.md); the narrow FCDM-T level keeps the forward's warps.
+    return TileConfig(cfg.block_p, cfg.block_c, 8 if cfg.block_c >= 512 else cfg.num_warps)
 
 
 def dwconv_grad_config(channels: int, pixels: int, dtype: torch.dtype, device: torch.device) -> TileConfig:
