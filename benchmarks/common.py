@@ -76,7 +76,7 @@ def peak_memory_mib(fn: Callable[[], object], device) -> float | None:
 
 @contextlib.contextmanager
 def tf32_matmuls():
-    """TF32 for fp32 matmuls while benchmarking, as in the issue's anchor runs; the caller's setting is restored, so
+    """TF32 for fp32 matmuls while benchmarking, as in the anchor measurements of the goals (README, Performance); the caller's setting is restored, so
     running a benchmark in-process (tests) never changes the precision of what runs after it."""
     before = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high")

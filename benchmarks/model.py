@@ -75,16 +75,12 @@ def _fused_backend(device: torch.device) -> str:
         if device.type == "cpu" and dispatch.unavailable_reason("grn_mlp", "triton", device) is None:
             return "triton"  # the Triton interpreter (TRITON_INTERPRET=1): a smoke run of the fused path, not a speed
         raise Unavailable("the fused kernels are timed on CUDA only (TRITON_INTERPRET=1 smoke-runs them on CPU)")
-    probe = torch.empty(1, 1, 1, 8, device=device)
     with use_backend("auto"):
-        # A block runs as one op where grn_mlp's backend has one, else as the two ops on their own backends.
-        mlp = dispatch.resolve("grn_mlp", probe)
-        whole = dispatch.block_implementation("convnext_block", "grn_mlp", probe) is not None
-        conv = dispatch.resolve("dwconv_ln_modulate", probe)
-    if {mlp, conv} == {"torch"}:
+        plan = dispatch.block_plan(torch.empty(1, 1, 1, 8, device=device))  # what the model's blocks will run
+    if plan.conv_backend == plan.mlp_backend == "torch":
         reasons = {b: dispatch.unavailable_reason("grn_mlp", b, device) for b in ("triton", "cuda")}
         raise Unavailable("no fused backend is available: " + "; ".join(f"{b}: {r}" for b, r in reasons.items()))
-    return f"auto({mlp} convnext_block op)" if whole else f"auto({conv} dwconv_ln_modulate + {mlp} grn_mlp)"
+    return f"auto({plan.describe()})"
 
 
 def _compile_blocks(model: nn.Module) -> None:
@@ -314,7 +310,7 @@ class Group:
 
 
 def suite(name: str) -> list[Group]:
-    """quick: the issue's goal cases at gpu_check's budget, eager first and the compiles (~20 s each) last, so a
+    """quick: the cases of the performance goals at gpu_check's budget, eager first and the compiles (~20 s each) last, so a
     time-boxed run loses the fewest rows; full: every variant everywhere; tiny: a CPU smoke run of every path."""
     eager = ("fused", "official", "reference", "dit")
     compiled = ("official_compile", "fused_compile")

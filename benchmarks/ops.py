@@ -42,7 +42,7 @@ class Job:
 
 def quick_plan(device: torch.device) -> list[Job]:
     """What gpu_check.sh runs: every op at 256px and the block at every level, eager providers first; torch.compile
-    (about 20 s per shape) last and only at the issue's anchor case, so a time-boxed run loses the fewest rows."""
+    (about 20 s per shape) last and only at the anchor case of the goals, so a time-boxed run loses the fewest rows."""
     eager = ("nchw", "channels_last", "triton", "cuda")
     if device.type != "cuda":
         return [Job(OPS, tuple(c.name for c in TINY_CASES), ("fp32",), eager)]

@@ -41,7 +41,7 @@ ACTIVATIONS_OF_OP = {"dwconv_ln_modulate": ("x", "shift", "scale"), "grn_mlp": (
                      "block": ("x", "c")}
 
 XL_WIDTH = 512
-BATCH_FOR_RES = {256: 64, 512: 16}  # the batch sizes of the training goals
+BATCH_FOR_RES = {256: 64, 512: 16}  # the batch sizes of the training goals (README, Performance)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The final table of a benchmark run: each case's measured value against its goal (issue #7), with the baselines
+"""The final table of a benchmark run: each case's measured value against its goal (the README's Performance table), with the baselines
 measured in the same run and the roofline floor.
 
     python -m benchmarks.summary --results-dir benchmarks/results [--run-id ID] [--stages stages.tsv]
@@ -23,7 +23,7 @@ FCDM_MODEL_VARIANTS = ("fused", "fused_compile")
 
 @dataclass(frozen=True)
 class Goal:
-    """One target of issue #7: which rows measure it, which field, and the bound."""
+    """One performance goal: which rows measure it, which field, and the bound."""
 
     label: str
     bench: str          # "model" or "ops"

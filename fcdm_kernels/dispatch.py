@@ -10,8 +10,9 @@ device of the activations, so one model can run on CPU and GPU without changing 
   tensors without TRITON_INTERPRET=1) falls back along cuda -> triton -> torch with one BackendFallbackWarning per
   reason (the test suite turns it into an error, so a kernel test cannot pass on the reference by accident).
 
-Backend modules register their implementations with `register(op, backend)`. They are imported lazily, on first use,
-so importing fcdm never touches CUDA or compiles anything.
+Backend modules register their implementations with `register(op, backend)`, and may order what `auto` tries with
+`set_auto_preference`. They are imported lazily, on first use, so importing fcdm never touches CUDA or compiles
+anything. `block_plan` is the one rule for a whole ConvNeXt block: one fused op, or the two ops on their backends.
 """
 from __future__ import annotations
 
@@ -19,11 +20,11 @@ import contextlib
 import importlib
 import os
 import warnings
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
-BACKENDS = ("torch", "triton", "cuda", "auto")
+BACKENDS = ("auto", "torch", "triton", "cuda")  # every name a user may request; the one list the flags offer
 FALLBACK = {"cuda": "triton", "triton": "torch"}
 
 # Modules that register a backend's implementations when imported.
@@ -89,9 +90,18 @@ def register(op: str, backend: str):
     return wrap
 
 
-def set_auto_preference(op: str, chooser: Callable[[torch.Tensor], tuple[str, ...]]) -> None:
-    """Let a backend module order the CUDA backends `auto` tries for `op`, given the activation tensor."""
+def set_auto_preference(op: str, chooser: Callable[[torch.Tensor], tuple[str, ...]], replace: bool = True) -> bool:
+    """Let a backend module order the CUDA backends `auto` tries for `op`: chooser(activations) -> backend names,
+    first preferred. With replace=False a chooser installed earlier is kept. Returns whether `chooser` was installed."""
+    if not replace and op in _auto_preference:
+        return False
     _auto_preference[op] = chooser
+    return True
+
+
+def auto_preference(op: str) -> Callable[[torch.Tensor], tuple[str, ...]] | None:
+    """The chooser installed for `op` by set_auto_preference, or None (then `auto` tries triton, then cuda)."""
+    return _auto_preference.get(op)
 
 
 @torch.compiler.assume_constant_result  # runs eagerly while torch.compile traces: an import is no graph break
@@ -159,6 +169,7 @@ def resolve(op: str, x: torch.Tensor) -> str:
 
 
 def implementation(op: str, x: torch.Tensor) -> Callable:
+    """The implementation of `op` that runs on activations `x`."""
     return _IMPLS[op][resolve(op, x)]
 
 
@@ -167,10 +178,36 @@ def implementation_on(op: str, backend: str) -> Callable | None:
     return _IMPLS.get(op, {}).get(backend)
 
 
-def block_implementation(op: str, like_op: str, x: torch.Tensor) -> Callable | None:
-    """The backend-specific implementation of composite `op` on the backend `like_op` resolves to, or None.
+class BlockPlan(NamedTuple):
+    """How one ConvNeXt block runs on given activations: the fused whole-block op of `mlp_backend` when `fused` is
+    set, else dwconv_ln_modulate on `conv_backend` followed by grn_mlp on `mlp_backend`."""
 
-    Composite ops (a whole block) are optional per backend: without one, the caller composes the per-op kernels,
-    so asking for a composite never triggers a fallback warning of its own.
-    """
-    return implementation_on(op, resolve(like_op, x))
+    conv_backend: str
+    mlp_backend: str
+    fused: Callable | None
+
+    @property
+    def dwconv_ln_modulate(self) -> Callable:
+        return _IMPLS["dwconv_ln_modulate"][self.conv_backend]
+
+    @property
+    def grn_mlp(self) -> Callable:
+        return _IMPLS["grn_mlp"][self.mlp_backend]
+
+    def describe(self) -> str:
+        """E.g. 'triton convnext_block op' or 'cuda dwconv_ln_modulate + triton grn_mlp'."""
+        if self.fused is not None:
+            return f"{self.mlp_backend} convnext_block op"
+        return f"{self.conv_backend} dwconv_ln_modulate + {self.mlp_backend} grn_mlp"
+
+
+def block_plan(x: torch.Tensor) -> BlockPlan:
+    """The one rule for a whole block on activations `x`. The block follows grn_mlp's backend, as one op where that
+    backend has a whole-block op (which may recompute rather than save activations). An explicitly requested backend
+    that has dwconv_ln_modulate but no grn_mlp (cuda) runs its own dwconv, with grn_mlp on the fallback, rather than
+    the fallback's whole-block op. A whole-block op is optional, so it never warns of a fallback of its own."""
+    mlp_backend = resolve("grn_mlp", x)  # once per block: this runs for every block of every step
+    requested = get_backend()
+    conv_backend = resolve("dwconv_ln_modulate", x) if requested not in ("auto", mlp_backend) else mlp_backend
+    fused = implementation_on("convnext_block", mlp_backend) if conv_backend == mlp_backend else None
+    return BlockPlan(conv_backend, mlp_backend, fused)

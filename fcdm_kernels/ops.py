@@ -63,19 +63,13 @@ def convnext_block(x, shift, scale, gate, dw_weight, dw_bias, w1, b1, gamma, bet
     """The whole block: grn_mlp(dwconv_ln_modulate(x, ...), x, ...), all NHWC.
 
     A backend may register a single `convnext_block` implementation (which can, for example, recompute h from x in
-    the backward instead of saving it); otherwise the block runs as the two ops on the backend that `grn_mlp`
-    resolves to. x: (B, H, W, C); shift, scale, gate: (B, C); dw_weight: (C, 7, 7); dw_bias: (C,); w1: (J, C);
+    the backward instead of saving it); otherwise the block runs as the two ops. dispatch.block_plan decides. x: (B, H, W, C); shift, scale, gate: (B, C); dw_weight: (C, 7, 7); dw_bias: (C,); w1: (J, C);
     b1, gamma, beta: (J,); w2: (C, J); b2: (C,) -> (B, H, W, C).
     """
     check_dwconv_ln_modulate_args(x, dw_weight, dw_bias, shift, scale)
     check_grn_mlp_args(x, x, gate, w1, b1, gamma, beta, w2, b2)
-    backend = dispatch.resolve("grn_mlp", x)  # once per block: this runs for every block of every step
-    # An explicitly requested backend that has dwconv_ln_modulate but no grn_mlp (cuda) runs its own dwconv, with
-    # grn_mlp on the fallback, rather than the fallback's whole-block op.
-    conv_backend = dispatch.resolve("dwconv_ln_modulate", x) if dispatch.get_backend() not in ("auto", backend) \
-        else backend
-    fused = dispatch.implementation_on("convnext_block", backend) if conv_backend == backend else None
-    if fused is not None:
-        return fused(x, shift, scale, gate, dw_weight, dw_bias, w1, b1, gamma, beta, w2, b2)
-    h = dispatch.implementation_on("dwconv_ln_modulate", conv_backend)(x, dw_weight, dw_bias, shift, scale, LN_EPS)
-    return dispatch.implementation_on("grn_mlp", backend)(h, x, gate, w1, b1, gamma, beta, w2, b2)
+    plan = dispatch.block_plan(x)
+    if plan.fused is not None:
+        return plan.fused(x, shift, scale, gate, dw_weight, dw_bias, w1, b1, gamma, beta, w2, b2)
+    h = plan.dwconv_ln_modulate(x, dw_weight, dw_bias, shift, scale, LN_EPS)
+    return plan.grn_mlp(h, x, gate, w1, b1, gamma, beta, w2, b2)

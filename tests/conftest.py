@@ -36,6 +36,13 @@ def pytest_configure(config):
     config.addinivalue_line("filterwarnings", "error::fcdm_kernels.dispatch.BackendFallbackWarning")
 
 
+def pytest_ignore_collect(collection_path, config):
+    # The op timings are not tests: a run over tests/ collects them only with --benchmark-only (test_bench_ops.py).
+    if collection_path.name == "test_bench_ops.py" and not config.getoption("benchmark_only", default=False):
+        return True
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (run benchmarks/gpu_check.sh on one)")
     for item in items:

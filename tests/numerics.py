@@ -46,16 +46,18 @@ def block_args(B, H, W, C, dtype, device, requires_grad=True) -> list[torch.Tens
 
 
 def assert_matches_fp64(fn, reference, args: list[torch.Tensor], names, tol: float, label: str = "") -> None:
-    """fn(*args) and the gradients of every argument against `reference` run in fp64 on the same (rounded) inputs,
-    each within tol; a reference gradient that is all zero fails, as the check would not exercise it. `label`
-    prefixes every message (say what the inputs are, so that a failure names its cause)."""
+    """fn(*args) and the gradients of every argument that requires one against `reference` run in fp64 on the same
+    (rounded) inputs, each within tol; a reference gradient that is all zero fails, as the check would not exercise
+    it. `label` prefixes every message (say what the inputs are, so that a failure names its cause)."""
     prefix = f"{label}: " if label else ""
+    wanted = [i for i, a in enumerate(args) if a.requires_grad]
     out = fn(*args)
     grad_out = torch.randn_like(out)
-    grads = torch.autograd.grad(out, args, grad_out)
-    exact = [a.detach().double().requires_grad_() for a in args]
+    grads = torch.autograd.grad(out, [args[i] for i in wanted], grad_out)
+    exact = [a.detach().double().requires_grad_(a.requires_grad) for a in args]
     ref = reference(*exact)
-    ref_grads = torch.autograd.grad(ref, exact, grad_out.double())
+    ref_grads = torch.autograd.grad(ref, [exact[i] for i in wanted], grad_out.double())
+    names = [names[i] for i in wanted]
     assert_rel_close(out, ref, tol, prefix + "out")
     for name, g, rg in zip(names, grads, ref_grads):
         assert rg.abs().sum() > 0, f"{prefix}d{name} is zero in the reference; the test would not exercise it"
@@ -67,6 +69,18 @@ def assert_block_matches_fp64(block, args: list[torch.Tensor], dtype: torch.dtyp
     REL_TOL[dtype]."""
     from fcdm_kernels.reference import convnext_block_reference
     assert_matches_fp64(block, convnext_block_reference, args, BLOCK_ARG_NAMES, REL_TOL[dtype], label)
+
+
+def saved_tensors(fn, args) -> list[torch.Tensor]:
+    """The tensors autograd saves for the backward of one call of fn(*args)."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*args)
+    return saved
 
 
 @contextlib.contextmanager

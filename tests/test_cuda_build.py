@@ -113,8 +113,8 @@ schema = str(torch.ops.fcdm.dwconv_ln_modulate_cuda.default._schema)
 assert schema.startswith("fcdm::dwconv_ln_modulate_cuda(Tensor x, Tensor weight"), schema
 backward_schema = str(torch.ops.fcdm.dwconv_ln_modulate_cuda_backward.default._schema)
 assert backward_schema.endswith("-> (Tensor, Tensor, Tensor, Tensor, Tensor)"), backward_schema
-assert dispatch._IMPLS["dwconv_ln_modulate"]["cuda"] is backend.ops.dwconv_ln_modulate_cuda
-assert dispatch._auto_preference["dwconv_ln_modulate"] is backend.autotune.preference
+assert dispatch._IMPLS["dwconv_ln_modulate"]["cuda"] is backend.registration.dwconv_ln_modulate_cuda
+assert dispatch.auto_preference("dwconv_ln_modulate") is backend.autotune.preference
 
 # Fake kernels and autograd on meta tensors: shapes and dtypes flow through forward and backward.
 B, H, W, C = 2, 7, 5, 40
@@ -272,7 +272,7 @@ def test_dispatch_falls_back_with_one_warning(fresh_dispatch):
 def test_autotune_cache_roundtrip(tmp_path, monkeypatch):
     monkeypatch.setattr(dispatch, "_auto_preference", {})  # loading autotune.py registers its chooser
     autotune = load_by_path("fcdm_autotune_under_test", "fcdm_kernels/cuda/autotune.py")
-    assert dispatch._auto_preference["dwconv_ln_modulate"] is autotune.preference
+    assert dispatch.auto_preference("dwconv_ln_modulate") is autotune.preference
     assert autotune.order_from_timings({"cuda": 0.5, "triton": 0.7}) == ("cuda", "triton")
     assert autotune.order_from_timings({"cuda": 0.9, "triton": 0.7}) == ("triton", "cuda")
     assert autotune.order_from_timings({"cuda": 0.9}) == ("cuda", "triton")

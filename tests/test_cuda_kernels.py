@@ -18,7 +18,7 @@ import torch
 import fcdm_kernels
 from fcdm_kernels import dispatch
 from fcdm_kernels.reference import dwconv_ln_modulate_reference
-from tests.numerics import REL_TOL, assert_rel_close, rel_error
+from tests.numerics import REL_TOL, assert_rel_close, rel_error, saved_tensors
 
 pytestmark = pytest.mark.gpu
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,7 +81,7 @@ def poison_allocator(nbytes: int) -> None:
 def run_cuda(backend, inputs, grad_h):
     out_bytes = sum(t.numel() * t.element_size() for t in inputs) * 4 + inputs[0].numel() * 8
     poison_allocator(out_bytes)
-    return forward_and_grads(backend.ops.dwconv_ln_modulate_cuda, inputs, grad_h)
+    return forward_and_grads(backend.registration.dwconv_ln_modulate_cuda, inputs, grad_h)
 
 
 def check_against_oracle(out, grads, inputs, grad_h):
@@ -134,13 +134,23 @@ def test_repeatable(backend):
         assert torch.equal(a, b)
 
 
+def test_dshift_alone_keeps_nothing_for_the_backward(backend):
+    # dshift is grad_h summed over the pixels: with x, weight, bias and scale frozen nothing needs saving.
+    (x, weight, bias, shift, scale), grad_h = make_inputs((2, 8, 8, 64), torch.float32)
+    shift.requires_grad_()
+    op = backend.registration.dwconv_ln_modulate_cuda
+    assert saved_tensors(op, (x, weight, bias, shift, scale)) == []
+    (dshift,) = torch.autograd.grad(op(x, weight, bias, shift, scale), shift, grad_h)
+    assert_rel_close(dshift, grad_h.double().sum(dim=(1, 2)), REL_TOL[torch.float32], "dshift")
+
+
 def test_public_op_dispatches_to_cuda(backend, tmp_path, monkeypatch):
     monkeypatch.setenv("FCDM_AUTOTUNE_CACHE", str(tmp_path / "autotune.json"))  # `auto` times; keep the user's cache
     inputs, grad_h = make_inputs((2, 8, 8, 64), torch.bfloat16)
     with fcdm_kernels.use_backend("cuda"):
         assert dispatch.resolve("dwconv_ln_modulate", inputs[0]) == "cuda"
         out = fcdm_kernels.dwconv_ln_modulate(*inputs)
-    assert torch.equal(out, backend.ops.dwconv_ln_modulate_cuda(*inputs))
+    assert torch.equal(out, backend.registration.dwconv_ln_modulate_cuda(*inputs))
     with fcdm_kernels.use_backend("auto"):
         assert dispatch.resolve("dwconv_ln_modulate", inputs[0]) in ("cuda", "triton")
 
@@ -224,7 +234,7 @@ for shape, dtype in (((2, 7, 7, 40), torch.bfloat16), ((1, 9, 13, 44), torch.flo
     B, H, W, C = shape
     shapes = ((B, H, W, C), (C, 7, 7), (C,), (B, C), (B, C))
     args = [torch.randn(s, device="cuda").to(dtype).requires_grad_() for s in shapes]
-    h = backend.ops.dwconv_ln_modulate_cuda(*args)
+    h = backend.registration.dwconv_ln_modulate_cuda(*args)
     h.backward(torch.randn_like(h))
 torch.cuda.synchronize()
 print("SANITIZED OK")

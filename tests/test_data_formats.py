@@ -12,6 +12,7 @@ from fcdm.data import ImageFolderDataset, LatentStore, NpyFeatureDataset, center
 from fcdm.data import extract
 
 from .test_train_common import final_checkpoint, run_train
+from .test_vae import tiny_autoencoder
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -33,13 +34,8 @@ def image_folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_vae(tmp_path_factory):
     """A randomly initialised 2x-downsampling AutoencoderKL with 4 latent channels, saved like a hub model."""
-    torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4,
-                                  down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-                                  up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-                                  block_out_channels=(8, 8), layers_per_block=1, sample_size=16)
     path = tmp_path_factory.mktemp("vae") / "tiny-vae"
-    vae.save_pretrained(path)
+    tiny_autoencoder(latent_channels=4).save_pretrained(path)
     return str(path)
 
 

@@ -1,10 +1,11 @@
-"""ADM .npz readers: arr_0 images streamed in batches, precomputed statistics, and a clear error for each bad file."""
+"""ADM .npz batches: arr_0 images streamed in batches, precomputed statistics, a clear error for each bad file, and
+writing a batch in resumable shards merged in sample order."""
 import zipfile
 
 import numpy as np
 import pytest
 
-from fcdm.eval.npz import NpzImages, npz_keys, read_statistics, save_batch
+from fcdm.eval.npz import NpzImages, NpzShards, npz_keys, read_statistics, save_batch
 
 
 def random_images(rng, count=7, height=5, width=6):
@@ -114,3 +115,45 @@ def test_bad_statistics_are_rejected(tmp_path, arrays, match):
     np.savez(tmp_path / "bad.npz", **arrays(mu, sigma))
     with pytest.raises(ValueError, match=match):
         read_statistics(tmp_path / "bad.npz", "--ref-batch")
+
+
+def test_shards_merge_in_sample_order_whatever_order_they_were_written_in(tmp_path):
+    rng = np.random.default_rng(3)
+    images = random_images(rng, count=7)
+    blocks = [np.arange(0, 3), np.arange(3, 6), np.arange(6, 7)]  # the last block is short
+    shards = NpzShards(tmp_path / "run", 7, 3)
+    assert all(np.array_equal(a, b) for a, b in zip(shards.blocks, blocks, strict=True))
+    assert not any(shards.done(k) for k in range(3)) and shards.todo(1, 2) == ([1], [1])
+    for k in (2, 0, 1):  # as several processes might finish them
+        shards.write(k, labels=blocks[k] % 4, images=images[blocks[k]])
+        assert shards.done(k)
+    assert shards.todo(0, 2) == ([0, 2], [])
+    assert shards.merge(tmp_path / "run.npz") == (7, 5, 6, 3)
+    np.testing.assert_array_equal(NpzImages(tmp_path / "run.npz").read_all(), images)
+    assert npz_keys(tmp_path / "run.npz") == ["arr_0"] and not (tmp_path / "run.npz.tmp").exists()
+
+
+def test_a_torn_or_foreign_shard_is_redone_and_never_merged(tmp_path):
+    rng = np.random.default_rng(4)
+    blocks = [np.arange(0, 2), np.arange(2, 4)]
+    shards = NpzShards(tmp_path, 4, 2)
+    shards.write(0, labels=np.zeros(2), images=random_images(rng, count=2))
+    with open(shards.path(1), "wb") as f:
+        f.write(b"PK\x03\x04 torn")
+    assert shards.done(0) and not shards.done(1)
+    # Block 0's samples in block 1's file: not done, and the merge refuses it rather than mixing samples.
+    np.savez(shards.path(1), indices=blocks[0], labels=np.zeros(2), images=random_images(rng, count=2))
+    assert not shards.done(1)
+    with pytest.raises(ValueError, match=r"batch_000001.npz does not hold samples 2..3"):
+        shards.merge(tmp_path / "out.npz")
+    assert not (tmp_path / "out.npz").exists() and not (tmp_path / "out.npz.tmp").exists()
+    with pytest.raises(ValueError, match="block 1 has 2 samples, got 2 labels and 3 images"):
+        shards.write(1, labels=np.zeros(2), images=random_images(rng, count=3))
+
+
+def test_a_rerun_with_other_settings_is_refused(tmp_path):
+    shards = NpzShards(tmp_path, 2, 2)
+    shards.record_settings({"steps": 50, "interval": (0.1, 0.9)})
+    NpzShards(tmp_path, 2, 2).record_settings({"steps": 50, "interval": [0.1, 0.9]})  # the same run
+    with pytest.raises(ValueError, match=r"other settings \(cfg, steps differ\)"):
+        NpzShards(tmp_path, 2, 2).record_settings({"steps": 25, "interval": [0.1, 0.9], "cfg": 1.5})

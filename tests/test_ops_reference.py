@@ -1,11 +1,9 @@
-"""The reference ops against independent loop-level maths, their input validation, and backend dispatch."""
-import warnings
-
+"""The reference ops against independent loop-level maths, and their input validation (dispatch: test_dispatch.py)."""
 import pytest
 import torch
 
 import fcdm
-from fcdm_kernels import dispatch, dwconv_ln_modulate, grn_mlp
+from fcdm_kernels import dwconv_ln_modulate, grn_mlp
 from fcdm_kernels.reference import dwconv_ln_modulate_reference, grn_mlp_reference
 from tests.numerics import assert_rel_close, rel_error
 
@@ -97,46 +95,6 @@ def test_grn_mlp_validation_names_the_argument():
         grn_mlp(h, x, wide[:, :4], w1, b1, gamma, beta, w2, b2)
 
 
-def test_backend_selection_precedence(monkeypatch):
-    monkeypatch.setenv("FCDM_BACKEND", "torch")
-    monkeypatch.setattr(dispatch, "_global_backend", None)
-    assert fcdm.get_backend() == "torch"
-    fcdm.set_backend("auto")
-    assert fcdm.get_backend() == "auto"
-    with fcdm.use_backend("TRITON"):
-        assert fcdm.get_backend() == "triton"
-        with fcdm.use_backend("torch"):
-            assert fcdm.get_backend() == "torch"
-        assert fcdm.get_backend() == "triton"
-    assert fcdm.get_backend() == "auto"
-    with pytest.raises(ValueError, match="backend must be one of"):
-        fcdm.set_backend("cudnn")
-    monkeypatch.setattr(dispatch, "_global_backend", None)
-    monkeypatch.setenv("FCDM_BACKEND", "fast")
-    with pytest.raises(ValueError, match="FCDM_BACKEND"):
-        fcdm.get_backend()
-
-
-def test_auto_resolves_to_reference_on_cpu():
-    x = torch.randn(1, 4, 4, 8)
-    with fcdm.use_backend("auto"):
-        assert dispatch.resolve("dwconv_ln_modulate", x) == "torch"
-
-
-def test_unavailable_backend_falls_back_with_a_single_warning(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setattr(dispatch, "_warned", set())
-    x = torch.randn(1, 4, 4, 8)
-    with fcdm.use_backend("cuda"), warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        first = dispatch.resolve("grn_mlp", x)
-        dispatch.resolve("grn_mlp", x)
-    assert first == "torch"
-    messages = [str(w.message) for w in caught]
-    assert messages and all("falling back" in m for m in messages)
-    assert len(messages) == len(set(messages))  # each reason is reported once, not on every call
-
-
 def test_convnext_block_composes_the_two_ops_and_validates():
     from fcdm_kernels import convnext_block, convnext_block_reference
     x, w, b, shift, scale = dwconv_args(C=4, H=3, W=5)
@@ -147,14 +105,3 @@ def test_convnext_block_composes_the_two_ops_and_validates():
     assert_rel_close(out, convnext_block_reference(*args), 1e-15, "block")
     with pytest.raises(ValueError, match=r"^gate must have shape"):
         convnext_block(x, shift, scale, gate[:, :3].contiguous(), w, b, w1, b1, gamma, beta, w2, b2)
-
-
-def test_backend_block_implementation_is_used_when_registered(monkeypatch):
-    from fcdm_kernels import convnext_block
-    calls = []
-    monkeypatch.setitem(dispatch._IMPLS, "convnext_block", {"torch": lambda *a: calls.append(a) or a[0]})
-    x, w, b, shift, scale = dwconv_args(C=4, H=3, W=5)
-    _, _, gate, w1, b1, gamma, beta, w2, b2 = mlp_args(C=4, H=3, W=5)
-    with fcdm.use_backend("torch"):
-        out = convnext_block(x, shift, scale, gate, w, b, w1, b1, gamma, beta, w2, b2)
-    assert len(calls) == 1 and out is x

@@ -8,19 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-import fcdm
 from fcdm.cli import sample
-from fcdm.load import CheckpointError, load_model_weights, read_model_state
+
+from .test_load import random_fcdm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def random_fcdm(**kwargs) -> torch.nn.Module:
-    """FCDM-T with every weight random (adaLN-zero init would make a constant predictor)."""
-    model = fcdm.FCDM_models["FCDM-T"](**kwargs)
-    for p in model.parameters():
-        p.data.normal_(0, 0.05)
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -149,27 +141,6 @@ def test_unreadable_checkpoints(assets, tmp_path, capsys):
     with pytest.raises(SystemExit):
         sample.parse_args(["--ckpt", str(tmp_path / "missing.pt")])
     assert "does not exist" in capsys.readouterr().err
-
-
-def test_checkpoint_reader(tmp_path):
-    model = random_fcdm(num_classes=5)
-    state = model.state_dict()
-    ema = {k: v + 1 for k, v in state.items()}
-    torch.save({"model": state, "ema": ema}, tmp_path / "both.pt")
-    got, which = read_model_state(str(tmp_path / "both.pt"))
-    assert which == "ema" and torch.equal(got["x_embedder.weight"], ema["x_embedder.weight"])
-    assert read_model_state(str(tmp_path / "both.pt"), prefer_ema=False)[1] == "model"
-    torch.save({"model": state}, tmp_path / "model_only.pt")
-    assert read_model_state(str(tmp_path / "model_only.pt"))[1] == "model"
-    torch.save({f"module._orig_mod.{k}": v for k, v in state.items()}, tmp_path / "wrapped.pt")
-    fresh = random_fcdm(num_classes=5)
-    assert load_model_weights(fresh, str(tmp_path / "wrapped.pt")) == "bare"
-    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in state.items())
-    torch.save({"step": 3, "opt": {}}, tmp_path / "no_weights.pt")
-    with pytest.raises(CheckpointError, match="no model weights"):
-        read_model_state(str(tmp_path / "no_weights.pt"))
-    with pytest.raises(CheckpointError, match="does not fit"):
-        load_model_weights(random_fcdm(num_classes=7), str(tmp_path / "both.pt"))
 
 
 def test_model_flags_default_to_the_checkpoints_training_args(tmp_path, capsys, single_thread):

@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 
-from fcdm.train import checkpoint as ckpt_io
+from fcdm.train import resume as ckpt_io
 
 from .test_train_common import REPO
 
@@ -36,7 +36,7 @@ def test_sigkill_while_writing_leaves_the_previous_checkpoint_loadable(tmp_path)
     # the kill lands after the data is written but before the rename, the window a real crash can hit.
     child = textwrap.dedent(f"""
         import os, sys, time, torch
-        from fcdm.train import checkpoint as c
+        from fcdm.train import resume as c
         real_fsync = os.fsync
         def slow_fsync(fd):
             print("writing", flush=True); time.sleep(30); real_fsync(fd)

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from fcdm.train import checkpoint as ckpt_io
+from fcdm.train import resume as ckpt_io
 from fcdm.train.config import parse_args
 from fcdm.train.ema import EMA
 from fcdm.train.guards import NonFiniteStepError, check_step
@@ -120,7 +120,7 @@ def test_cuda_rng_is_this_devices_only_and_old_lists_still_load(monkeypatch):
 
 
 def test_more_processes_than_gpus_on_a_node_is_refused(monkeypatch):
-    from fcdm.train import distributed
+    from fcdm import distributed
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setenv("LOCAL_RANK", "3")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fcdm.train.loop as loop
-from fcdm.train.distributed import DistInfo
+from fcdm.distributed import DistInfo
 
 from .test_train_common import TINY, final_checkpoint, read_metrics, run_script, run_train
 

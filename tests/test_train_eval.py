@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import fcdm.train.loop as loop
-from fcdm import demo_quality
-from fcdm.train import checkpoint as ckpt_io
+from fcdm.eval import demo_quality
+from fcdm.train import resume as ckpt_io
 
 from .test_train_common import read_metrics, run_train
 
@@ -100,11 +100,12 @@ def test_fid_split_over_processes_equals_one_process(tmp_path, monkeypatch):
     same FID as one process generating everything (chunk k's labels and noise depend on k alone)."""
     import argparse
 
+    from fcdm import distributed
     from fcdm.eval.fid_hook import InTrainingFID
     from fcdm.eval.npz import save_batch
     from fcdm.models import FCDM_models
     from fcdm.objectives import build_objective
-    from fcdm.train import distributed, evaluation
+    from fcdm.train import evaluation
 
     from .test_eval_cli import PixelProjection
 

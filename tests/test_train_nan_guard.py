@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-from fcdm.train import checkpoint as ckpt_io
+from fcdm.train import resume as ckpt_io
 from fcdm.train.guards import NonFiniteStepError
 
 from .test_train_common import final_checkpoint, read_metrics, run_train

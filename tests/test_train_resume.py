@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from fcdm.train import checkpoint as ckpt_io
+from fcdm.train import resume as ckpt_io
 
 from .test_train_common import REPO, TINY, assert_state_dicts_equal, final_checkpoint, read_metrics, run_train
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fcdm.data.procedural import ProceduralShapes
-from fcdm.train import checkpoint as ckpt_io
+from fcdm.train import resume as ckpt_io
 from fcdm.train import loop
 from fcdm.train.builders import build_dataset, build_model
 

@@ -9,7 +9,7 @@ import torch
 import fcdm_kernels
 from fcdm_kernels import dispatch
 from fcdm_kernels.reference import dwconv_ln_modulate_reference
-from tests.numerics import REL_TOL, assert_rel_close, runs_on
+from tests.numerics import REL_TOL, assert_matches_fp64, assert_rel_close, runs_on, saved_tensors
 
 triton = pytest.importorskip("triton")
 from fcdm_kernels.triton import launch  # noqa: E402  (needs Triton)
@@ -76,6 +76,17 @@ def test_matches_fp64_reference_with_small_tiles(small_tiles, B, H, W, C, dtype,
     check_against_fp64(make_args(B, H, W, C, dtype, device), device)
 
 
+def test_dshift_alone_keeps_nothing_for_the_backward(device):
+    # dshift is dh summed over the pixels: with x, weight, bias and scale frozen nothing needs saving.
+    args = make_args(2, 4, 7, 8, torch.float32, device)
+    for i in (0, 1, 2, 4):
+        args[i].requires_grad_(False)
+    with runs_on("triton", "dwconv_ln_modulate"):
+        assert saved_tensors(fcdm_kernels.dwconv_ln_modulate, args) == []
+        assert_matches_fp64(fcdm_kernels.dwconv_ln_modulate, dwconv_ln_modulate_reference, args,
+                            ("x", "weight", "bias", "shift", "scale"), REL_TOL[torch.float32])
+
+
 def test_opcheck(device):
     args = make_args(1, 4, 4, 8, torch.float32, device)
     torch.library.opcheck(dwconv_ln_modulate_op, (*args, 1e-6))
@@ -90,7 +101,7 @@ def test_dispatch_picks_triton(device, tmp_path, monkeypatch):
     with fcdm_kernels.use_backend("triton"):
         assert dispatch.resolve("dwconv_ln_modulate", x) == "triton"
     dispatch._load("triton")
-    order = dispatch._auto_preference["dwconv_ln_modulate"](x)
+    order = dispatch.auto_preference("dwconv_ln_modulate")(x)
     if dispatch.unavailable_reason("dwconv_ln_modulate", "cuda", x.device) is None:
         assert set(order) == {"triton", "cuda"}  # with the CUDA extension, `auto` orders the two by measured speed
     else:

@@ -10,7 +10,7 @@ import torch
 import fcdm_kernels
 from fcdm_kernels import dispatch
 from fcdm_kernels.reference import grn_mlp_reference
-from tests.numerics import REL_TOL, assert_rel_close, runs_on
+from tests.numerics import REL_TOL, assert_matches_fp64, assert_rel_close, runs_on, saved_tensors
 
 triton = pytest.importorskip("triton")
 from fcdm_kernels.triton import launch  # noqa: E402  (needs Triton)
@@ -97,6 +97,23 @@ def test_no_grad_forward_skips_saved_activations(device):
         assert torch.equal(fcdm_kernels.grn_mlp(*args), out)
 
 
+def test_frozen_w1_and_gate_keep_neither_h_nor_z(device):
+    """h feeds only dW1 and z only dgate: with both frozen, the backward keeps neither (two (B, H, W, C) tensors
+    less), and every other gradient still matches the fp64 reference."""
+    B, H, W, C = 2, 4, 8, 8
+    args = make_args(B, H, W, C, torch.float32, device)
+    with runs_on("triton", "grn_mlp"):
+        trained = saved_tensors(fcdm_kernels.grn_mlp, args)
+        args[2].requires_grad_(False)  # gate
+        args[3].requires_grad_(False)  # w1
+        frozen = saved_tensors(fcdm_kernels.grn_mlp, args)
+        assert_matches_fp64(fcdm_kernels.grn_mlp, grn_mlp_reference, args, GRAD_NAMES, REL_TOL[torch.float32])
+    activation = (B, H, W, C)
+    assert [tuple(t.shape) for t in trained].count(activation) == 1  # h (x is not needed: its gradient is g)
+    assert (B * H * W, C) in [tuple(t.shape) for t in trained]          # z
+    assert sum(t.numel() for t in trained) - sum(t.numel() for t in frozen) == 2 * B * H * W * C
+
+
 def test_opcheck(device):
     args = make_args(1, 4, 4, 8, torch.float32, device)
     torch.library.opcheck(grn_mlp_op, (*args, True))
@@ -110,7 +127,7 @@ def test_dispatch_picks_triton(device):
     with fcdm_kernels.use_backend("triton"):
         assert dispatch.resolve("grn_mlp", x) == "triton"
     dispatch._load("triton")
-    assert dispatch._auto_preference["grn_mlp"](x)[0] == "triton"
+    assert dispatch.auto_preference("grn_mlp")(x)[0] == "triton"
 
 
 @pytest.mark.parametrize("arg,bad,message", [

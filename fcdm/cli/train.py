@@ -7,7 +7,7 @@ Set FCDM_DEBUG=1 to see the traceback behind an error message.
 import os
 import sys
 
-from fcdm.train import distributed
+from fcdm import distributed
 from fcdm.train.config import parse_args
 from fcdm.train.guards import NonFiniteStepError
 from fcdm.train.loop import train

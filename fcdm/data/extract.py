@@ -14,36 +14,25 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from fcdm import distributed
 from fcdm.data.imagefolder import ImageFolderDataset
 from fcdm.data.latent_store import write_index, write_shard
-from fcdm.train import distributed
-
-
-def load_vae(name_or_path: str, device: torch.device):
-    """A diffusers AutoencoderKL from a local directory, or a hub name if that is already in the local cache or the
-    network is reachable (e.g. stabilityai/sd-vae-ft-ema)."""
-    try:
-        from diffusers.models import AutoencoderKL
-    except ImportError as e:
-        raise SystemExit("the VAE needs diffusers: pip install 'fcdm[vae]'") from e
-    if name_or_path.startswith((".", "/")) and not os.path.isdir(name_or_path):
-        raise SystemExit(f"--vae {name_or_path!r} is not a directory")
-    return AutoencoderKL.from_pretrained(name_or_path).to(device).eval().requires_grad_(False)
+from fcdm.flags import add_device_flag, add_vae_flags
+from fcdm.vae import SD_VAE, SD_VAE_SCALE, load_vae
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-path", required=True, help="ImageFolder root (class sub-folders)")
     p.add_argument("--output", "--features-path", dest="output", required=True, help="latent store directory")
-    p.add_argument("--vae", "--hf-model-dir", dest="vae", default="stabilityai/sd-vae-ft-ema",
-                   help="diffusers AutoencoderKL directory or hub name")
+    add_vae_flags(p, default=SD_VAE, help="diffusers AutoencoderKL directory or hub name", scale_default=SD_VAE_SCALE,
+                  scale_help="stored as the store's default scale")
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32,
                    help="images per GPU per forward (each is encoded with its mirror image: the VAE sees twice as many)")
     p.add_argument("--shard-size", type=int, default=4096, help="images per shard file")
-    p.add_argument("--vae-scaling-factor", type=float, default=0.18215, help="stored as the store's default scale")
     p.add_argument("--num-workers", type=int, default=4)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_device_flag(p)
     args = p.parse_args(argv)
     for flag in ("image_size", "batch_size", "shard_size"):
         if getattr(args, flag) < 1:
@@ -75,7 +64,10 @@ def main(argv=None) -> None:
     mine = list(range(info.rank, len(dataset), info.world_size))
     loader = DataLoader(Subset(dataset, mine), batch_size=args.batch_size, num_workers=args.num_workers,
                         pin_memory=info.device.type == "cuda")
-    vae = load_vae(args.vae, info.device)
+    try:
+        vae = load_vae(args.vae, info.device)
+    except (ValueError, ImportError) as err:
+        raise SystemExit(f"--vae: {err}") from err
     os.makedirs(args.output, exist_ok=True)
 
     shards, means, stds, labels, latent_shape = [], [], [], [], None

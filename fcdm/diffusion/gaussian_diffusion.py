@@ -13,6 +13,7 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .likelihoods import discretized_gaussian_log_likelihood, normal_kl
 from .noise import GeneratorLike, gaussian_noise, module_device
@@ -230,7 +231,6 @@ class GaussianDiffusion:
             raise ValueError(f"noise shape {tuple(x.shape)} != shape {tuple(shape)}")
         indices = range(self.num_timesteps - 1, -1, -1)
         if progress:
-            from tqdm.auto import tqdm
             indices = tqdm(indices, leave=False)
         with torch.no_grad():
             for i in indices:

@@ -26,6 +26,7 @@ from typing import Iterable
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 POOL_DIM = 2048
 LOGITS_DIM = 1008
@@ -240,7 +241,6 @@ class InceptionFeatureExtractor:
         """Run every batch and gather the features on the host."""
         pools, spatials, logits = [], [], []
         if progress:
-            from tqdm.auto import tqdm
             batches = tqdm(batches, total=total, desc=desc, unit="batch", file=sys.stderr)
         for batch in batches:
             pool, spatial, logit = self(batch)

@@ -1,10 +1,14 @@
-"""Readers for ADM-format .npz batches: uint8 NHWC images under `arr_0`, optional precomputed FID statistics.
+"""ADM-format .npz batches: uint8 NHWC images under `arr_0`, optional precomputed FID statistics; reading them, and
+writing a large one in resumable shards.
 
 The images are streamed from the zip member in batches because a 50k x 256x256 batch is ~10 GB; the statistics
-(`mu`/`sigma` on pool_3 features, `mu_s`/`sigma_s` on spatial features) are small and loaded whole.
+(`mu`/`sigma` on pool_3 features, `mu_s`/`sigma_s` on spatial features) are small and loaded whole. NpzShards writes
+such a batch one block of samples at a time (each block a file of its own, so an interrupted run redoes only the
+missing ones) and streams the blocks, in sample order, into one .npz.
 """
 from __future__ import annotations
 
+import json
 import os
 import zipfile
 from typing import Iterator
@@ -143,3 +147,90 @@ def save_batch(path, images: np.ndarray, **extra) -> None:
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
         raise ValueError(f"images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
     np.savez(path, **{IMAGES_KEY: images}, **extra)
+
+
+class NpzShards:
+    """`count` samples written in blocks of `block_size` under <directory>/shards, then merged into one ADM .npz.
+
+    Block k holds samples [k * block_size, (k + 1) * block_size), the last one fewer (`blocks[k]`, their indices).
+    A block's shard holds its indices, labels and images, and is written atomically, so a shard that exists is
+    complete; done(k) also checks that it holds block k's samples, so a torn or foreign file is simply redone."""
+
+    def __init__(self, directory, count: int, block_size: int):
+        if count < 1 or block_size < 1:
+            raise ValueError(f"count and block_size must be >= 1, got {count} and {block_size}")
+        self.directory = os.fspath(directory)
+        self.blocks = [np.arange(start, min(start + block_size, count), dtype=np.int64)
+                       for start in range(0, count, block_size)]
+        self.settings_path = os.path.join(self.directory, "config.json")
+        os.makedirs(os.path.join(self.directory, "shards"), exist_ok=True)
+
+    def record_settings(self, settings: dict) -> None:
+        """Write `settings` (what the samples depend on) beside the shards of a new run; on a rerun, ValueError naming
+        every setting that differs, so that shards of two different runs are never merged."""
+        settings = json.loads(json.dumps(settings))  # as a reread would see them: tuples become lists
+        if os.path.exists(self.settings_path):
+            with open(self.settings_path) as f:
+                old = json.load(f)
+            differ = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            if differ:
+                raise ValueError(f"{self.directory} holds a run with other settings ({', '.join(differ)} differ)")
+            return
+        with open(self.settings_path + ".tmp", "w") as f:
+            json.dump(settings, f, indent=1)
+        os.replace(self.settings_path + ".tmp", self.settings_path)
+
+    def todo(self, rank: int = 0, world_size: int = 1) -> tuple[list[int], list[int]]:
+        """(the blocks of process `rank` of `world_size`: every world_size-th from `rank`, those not done yet)."""
+        mine = list(range(rank, len(self.blocks), world_size))
+        return mine, [k for k in mine if not self.done(k)]
+
+    def path(self, k: int) -> str:
+        return os.path.join(self.directory, "shards", f"batch_{k:06d}.npz")
+
+    def done(self, k: int) -> bool:
+        try:
+            with np.load(self.path(k)) as shard:
+                return np.array_equal(shard["indices"], self.blocks[k]) and len(shard["images"]) == len(self.blocks[k])
+        except Exception:  # missing, torn or not ours: redo it
+            return False
+
+    def write(self, k: int, labels: np.ndarray, images: np.ndarray) -> None:
+        """Block k's labels (n,) and uint8 images (n, H, W, 3)."""
+        if len(images) != len(self.blocks[k]) or len(labels) != len(self.blocks[k]):
+            raise ValueError(f"block {k} has {len(self.blocks[k])} samples, got {len(labels)} labels and "
+                             f"{len(images)} images")
+        tmp = self.path(k) + ".tmp"
+        with open(tmp, "wb") as f:
+            np.savez(f, indices=self.blocks[k], labels=labels, images=images)
+        os.replace(tmp, self.path(k))
+
+    def merge(self, npz_path) -> tuple[int, ...]:
+        """Stream every block's images, in sample order, into `npz_path` as arr_0 (N, H, W, 3) uint8, holding one
+        block in memory at a time; written to a temporary and renamed, like the shards. -> arr_0's shape."""
+        npz_path = os.fspath(npz_path)
+        with np.load(self.path(0)) as first:
+            image_shape = first["images"].shape[1:]
+        total = sum(len(block) for block in self.blocks)
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                  "shape": (total, *image_shape)}
+        tmp = npz_path + ".tmp"
+        try:
+            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+                with archive.open(f"{IMAGES_KEY}.npy", "w", force_zip64=True) as f:
+                    np.lib.format.write_array_header_1_0(f, header)
+                    for k in range(len(self.blocks)):
+                        f.write(self._images_of_block(k, image_shape).tobytes())
+            os.replace(tmp, npz_path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return header["shape"]
+
+    def _images_of_block(self, k: int, image_shape: tuple[int, ...]) -> np.ndarray:
+        indices = self.blocks[k]
+        with np.load(self.path(k)) as shard:
+            if not np.array_equal(shard["indices"], indices) or shard["images"].shape[1:] != image_shape:
+                raise ValueError(f"shard {self.path(k)} does not hold samples {indices[0]}..{indices[-1]} of shape "
+                                 f"{image_shape}")
+            return np.ascontiguousarray(shard["images"], dtype=np.uint8)

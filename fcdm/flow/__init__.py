@@ -6,7 +6,7 @@
     x, nfe = ode_sample(flow, lambda x, t: model(x, t, y), noise, steps=50, method="heun")
 """
 from .path import LinearPath
-from .samplers import ode_sample, sde_sample
+from .solvers import ode_sample, sde_sample
 from .transport import PREDICTIONS, T_SAMPLINGS, FlowMatching
 
 __all__ = ["FlowMatching", "LinearPath", "ode_sample", "sde_sample", "PREDICTIONS", "T_SAMPLINGS"]

@@ -1,12 +1,13 @@
-"""Turn parsed flags into the objects the loop needs: the dataset, the model and (optionally) the VAE."""
+"""Turn parsed flags into the objects the loop needs: the dataset, the VAE (optional), the model and its wrapper."""
 from __future__ import annotations
 
 import torch
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel
 
 import fcdm
 from fcdm.data import ImageFolderDataset, LatentStore, NpyFeatureDataset, ProceduralShapes
-
-SD_VAE_SCALE = 0.18215  # the scale of Stable Diffusion's VAE latents, as DiT and the official code use
+from fcdm.vae import SD_VAE_SCALE, latent_shape, load_vae
 
 
 def build_dataset(args):
@@ -37,16 +38,14 @@ def build_dataset(args):
     return dataset
 
 
-def load_vae(args, device):
-    """The diffusers AutoencoderKL named by --vae, frozen, or None."""
+def build_vae(args, device):
+    """The diffusers AutoencoderKL named by --vae, frozen, or None. With --data-path (images encoded on the fly) it
+    sets args.in_channels and args.input_size to the latents'."""
     if not args.vae:
         return None
-    from fcdm.data.extract import load_vae as load
-    vae = load(args.vae, device)
+    vae = load_vae(args.vae, device)
     if args.data_source == "imagefolder_latent":
-        with torch.no_grad():
-            probe = vae.encode(torch.zeros(1, 3, args.image_size, args.image_size, device=device)).latent_dist.mean
-        args.in_channels, args.input_size = probe.shape[1], probe.shape[-1]
+        args.in_channels, args.input_size, _ = latent_shape(vae, args.image_size)
     return vae
 
 
@@ -60,3 +59,19 @@ def build_model(args) -> torch.nn.Module:
     if args.grad_checkpointing:
         model.set_grad_checkpointing()
     return model
+
+
+def wrap_model(model, ema, args, world_size: int, device: torch.device) -> torch.nn.Module:
+    """What the forward runs: DDP, FSDP2 (which shards `model` and the EMA in place) or the model itself (a single
+    process needs no wrapper), then optionally torch.compile."""
+    if args.fsdp:
+        for module in (model, ema.module):
+            for block in module.all_blocks():
+                fully_shard(block)
+            fully_shard(module)
+        wrapped = model
+    elif world_size > 1:
+        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        wrapped = model
+    return torch.compile(wrapped) if args.compile else wrapped

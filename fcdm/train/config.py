@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 import os
 
+from fcdm.flags import (add_backend_flag, add_device_flag, add_switch, add_vae_flags, existing_file, non_negative,
+                        positive, unit_interval)
+from fcdm.load import model_config, read_checkpoint_args
 from fcdm.models import FCDM_CONFIGS
-
-OBJECTIVES = ("ddpm", "flow")
-BACKENDS = ("auto", "torch", "triton", "cuda")
+from fcdm.objectives import OBJECTIVES
 
 # Flags whose default depends on the data source: (demo, paper recipe).
 SOURCE_DEFAULTS = {
@@ -36,81 +37,72 @@ SOURCE_DEFAULTS = {
 }
 
 
-def _positive(kind):
-    def parse(text):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-        return value
-    return parse
-
-
-def _non_negative(kind):
-    def parse(text):
-        value = kind(text)
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-        return value
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train an FCDM (see docs/training.md). With no data flag: the CPU demo.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    pos, nonneg = _positive, _non_negative
+    add_data_flags(p.add_argument_group("data (at most one source; none = built-in procedural shapes)"))
+    add_model_flags(p.add_argument_group("model and objective"))
+    add_optimisation_flags(p.add_argument_group("optimisation"))
+    add_output_flags(p.add_argument_group("duration and output"))
+    return p
 
-    g = p.add_argument_group("data (at most one source; none = built-in procedural shapes)")
+
+def add_data_flags(g) -> None:
+    pos, nonneg = positive, non_negative
     g.add_argument("--data-path", help="ImageFolder root (class sub-folders): pixel space, or latents with --vae")
     g.add_argument("--feature-path", help="official layout: directory of per-image latent .npy files")
     g.add_argument("--label-path", help="official layout: directory of per-image label .npy files")
     g.add_argument("--latent-store", help="a store written by `python -m fcdm.data.extract`")
     g.add_argument("--zarr-path", help=argparse.SUPPRESS)  # official; unsupported, rejected with advice
-    g.add_argument("--vae", "--hf-model-dir", "--hf-model-name", dest="vae", default=None,
-                   help="diffusers AutoencoderKL (directory or hub name): encodes --data-path on the fly and "
-                        "decodes latent sample grids")
+    add_vae_flags(g, default=None, help="diffusers AutoencoderKL (directory or hub name): encodes --data-path on the "
+                  "fly and decodes latent sample grids", scale_default=None,
+                  scale_help="latent scale; default: a latent store's recorded scale, else 0.18215 (SD-VAE)")
     g.add_argument("--vae-name", default=None, help="official flag, only used in the run name")
-    g.add_argument("--vae-scaling-factor", type=pos(float), default=None,
-                   help="latent scale; default: a latent store's recorded scale, else 0.18215 (SD-VAE)")
     g.add_argument("--image-size", type=pos(int), default=None, help="pixel size (ImageFolder crop, procedural)")
     g.add_argument("--num-classes", type=pos(int), default=None, help="default: from the data (1000 for .npy)")
     g.add_argument("--in-channels", type=pos(int), default=None, help="default: from the data")
     g.add_argument("--dataset-size", type=pos(int), default=10_000, help="procedural dataset length")
     g.add_argument("--num-workers", type=nonneg(int), default=None)
 
-    g = p.add_argument_group("model and objective")
+
+def add_model_flags(g) -> None:
+    pos, nonneg = positive, non_negative
     g.add_argument("--model", choices=list(FCDM_CONFIGS), default=None)
     g.add_argument("--hidden-size", type=pos(int), default=None, help="override the config's base width C")
     g.add_argument("--depth", type=pos(int), nargs=5, default=None, metavar="N",
                    help="override the config's 5 block counts (enc1 enc2 latent dec2 dec1)")
-    g.add_argument("--objective", choices=OBJECTIVES, default="ddpm",
+    g.add_argument("--objective", choices=list(OBJECTIVES), default="ddpm",
                    help="ddpm: 1000-step DDPM, learned sigma, hybrid loss (the paper); flow: flow matching")
-    g.add_argument("--class-dropout-prob", type=nonneg(float), default=0.1, help="label dropout for CFG")
-    g.add_argument("--backend", choices=BACKENDS, default=None,
-                   help="fused-op backend (default: the FCDM_BACKEND environment variable, else auto)")
+    g.add_argument("--class-dropout-prob", type=unit_interval(include_one=False), default=0.1,
+                   help="label dropout for CFG")
+    add_backend_flag(g)
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in the backward")
 
-    g = p.add_argument_group("optimisation")
+
+def add_optimisation_flags(g) -> None:
+    pos, nonneg = positive, non_negative
     g.add_argument("--global-batch-size", type=pos(int), default=None, help="images per step over all ranks")
     g.add_argument("--grad-accum", type=pos(int), default=1, help="micro-batches per optimiser step")
     g.add_argument("--lr", type=pos(float), default=None)
     g.add_argument("--weight-decay", type=nonneg(float), default=0.0)
     g.add_argument("--warmup-steps", type=nonneg(int), default=None, help="linear lr warmup, then constant")
     g.add_argument("--max-grad-norm", type=nonneg(float), default=0.0, help="clip gradients (0 = off)")
-    g.add_argument("--ema-decay", type=nonneg(float), default=0.9999)
-    g.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=None,
-                   help="decay min(ema_decay, (1+step)/(10+step)); on for the demo")
+    g.add_argument("--ema-decay", type=unit_interval(include_one=False), default=0.9999)
+    add_switch(g, "--ema-warmup", None, "decay min(ema_decay, (1+step)/(10+step)); on for the demo")
     g.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="autocast dtype; auto = bf16 on GPU, fp32 on CPU")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--fsdp", action="store_true", help="shard with FSDP2 fully_shard instead of DDP")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    add_device_flag(g)
     g.add_argument("--dist-timeout-minutes", type=pos(float), default=30.0,
                    help="how long a process waits in a collective (e.g. while rank 0 writes a checkpoint) before "
                         "the job is aborted; NCCL's own default is 10")
     g.add_argument("--max-consecutive-skips", type=pos(int), default=10,
                    help="stop after this many consecutive non-finite steps")
 
-    g = p.add_argument_group("duration and output")
+
+def add_output_flags(g) -> None:
+    pos, nonneg = positive, non_negative
     g.add_argument("--epochs", type=pos(int), default=None)
     g.add_argument("--max-train-steps", type=pos(int), default=None, help="stop exactly after this many steps")
     g.add_argument("--global-seed", type=int, default=0)
@@ -121,18 +113,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-every", type=pos(int), default=None)
     g.add_argument("--sample-every", type=nonneg(int), default=None, help="EMA sample grid every N steps (0 = end)")
     g.add_argument("--eval-every", type=nonneg(int), default=None, help="evaluate the EMA every N steps, keep best.pt")
-    g.add_argument("--final-eval", action=argparse.BooleanOptionalAction, default=None,
-                   help="evaluate once at the end (on for the demo)")
+    add_switch(g, "--final-eval", None, "evaluate once at the end (on for the demo)")
     g.add_argument("--eval-samples", type=pos(int), default=None, help="images generated per evaluation")
-    g.add_argument("--fid-ref", default=None, help="ADM reference .npz: evaluate with Inception FID (fcdm.eval)")
+    g.add_argument("--fid-ref", type=existing_file, default=None,
+                   help="ADM reference .npz: evaluate with Inception FID (fcdm.eval)")
     g.add_argument("--cfg-scale", type=nonneg(float), default=None)
     g.add_argument("--num-sampling-steps", type=pos(int), default=None)
     g.add_argument("--sampler", default=None, help="fcdm.sampling sampler (default: ddpm, or sde for flow)")
     g.add_argument("--resume", default=None, help="'auto' (newest valid checkpoint of the run) or a path")
-    g.add_argument("--ckpt", default=None, help="official flag: start from this checkpoint (exact resume when it "
-                                                "is one of ours, weights only when official)")
+    g.add_argument("--ckpt", type=existing_file, default=None, help="official flag: start from this checkpoint "
+                   "(exact resume when it is one of ours, weights only when official)")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar (logs still go to log.txt)")
-    return p
 
 
 def data_source(args) -> str:
@@ -143,6 +134,17 @@ def data_source(args) -> str:
     if args.data_path:
         return "imagefolder_latent" if args.vae else "imagefolder"
     return "procedural"
+
+
+def architecture_from_checkpoint(args) -> None:
+    """With --ckpt or --resume PATH and no --model: the model, width and depth the checkpoint was trained with (as
+    its stored args say; fcdm.load reads them as sampling does). Flags given explicitly win."""
+    path = args.ckpt or (args.resume if args.resume != "auto" else None)
+    stored = read_checkpoint_args(path) if path else {}
+    if args.model is None and stored.get("model") in FCDM_CONFIGS:
+        config = model_config(stored, hidden_size=args.hidden_size, depth=args.depth)
+        args.model, args.hidden_size = config["model"], config["hidden_size"]
+        args.depth = list(config["depth"]) if config["depth"] is not None else None
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -161,20 +163,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                        ("--label-path", args.label_path), ("--latent-store", args.latent_store)):
         if path and not os.path.isdir(path):
             p.error(f"{flag} {path!r} is not a directory")
-    if args.fid_ref and not os.path.isfile(args.fid_ref):
-        p.error(f"--fid-ref {args.fid_ref!r} does not exist")
     if args.resume and args.ckpt:
         p.error("give --resume or --ckpt, not both")
     if args.resume and args.resume != "auto" and not os.path.isfile(args.resume):
         p.error(f"--resume {args.resume!r} is neither 'auto' nor an existing file")
-    if args.ckpt and not os.path.isfile(args.ckpt):
-        p.error(f"--ckpt {args.ckpt!r} does not exist")
-    if args.ema_decay >= 1:
-        p.error(f"--ema-decay must be < 1, got {args.ema_decay}")
-    if args.class_dropout_prob >= 1:
-        p.error(f"--class-dropout-prob must be < 1, got {args.class_dropout_prob}")
 
     args.data_source = data_source(args)
+    architecture_from_checkpoint(args)
     demo = args.data_source == "procedural"
     for name, (demo_value, paper_value) in SOURCE_DEFAULTS.items():
         if getattr(args, name) is None:

@@ -1,15 +1,22 @@
 """Pluggable evaluation for --eval-every / the demo's final check: a callable `evaluator(ema_model) -> metrics`
 with a `metric` name and `lower_is_better`, used to keep best.pt.
 
-- Procedural data (default): fcdm.demo_quality (class accuracy and a classifier-feature Frechet distance).
+- Procedural data (default): fcdm.eval.demo_quality (class accuracy and a classifier-feature Frechet distance).
 - --fid-ref PATH.npz: Inception FID of --eval-samples EMA samples against an ADM reference batch (fcdm.eval).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from . import distributed
-from .samples import decode, to_uint8_nhwc
+from fcdm import distributed
+from fcdm.eval import features as inception
+from fcdm.eval.demo_quality import DemoQuality
+from fcdm.eval.fid_hook import InTrainingFID
+from fcdm.sampling import generate
+from fcdm.vae import to_uint8
+
+from .previews import viewable
 
 
 class InceptionFID:
@@ -26,19 +33,13 @@ class InceptionFID:
     runs_on_every_rank = True
 
     def __init__(self, args, objective, device, vae, autocast_dtype, batch_size: int = 64):
-        from fcdm.eval.features import InceptionFeatureExtractor
-        from fcdm.eval.fid_hook import InTrainingFID
-
         self.args, self.objective, self.device, self.vae, self.amp = args, objective, device, vae, autocast_dtype
         self.fid = InTrainingFID(args.fid_ref, num_images=args.eval_samples, batch_size=batch_size, fid_method="eigh",
-                                 extractor=InceptionFeatureExtractor(device=device), name="--fid-ref")
+                                 extractor=inception.InceptionFeatureExtractor(device=device), name="--fid-ref")
         self.fid.reference  # read (or compute) the reference statistics now: a bad file fails at start-up
 
     @torch.no_grad()
     def __call__(self, model) -> dict:
-        import numpy as np
-
-        from fcdm.sampling import generate
         a = self.args
         info = distributed.info()
         chunks = self.fid.chunks()
@@ -51,7 +52,7 @@ class InceptionFID:
             x = generate(model, self.objective, y, shape=(a.in_channels, a.input_size, a.input_size),
                          sampler=a.sampler, steps=a.num_sampling_steps, cfg_scale=a.cfg_scale, generator=gen,
                          autocast_dtype=self.amp)
-            return to_uint8_nhwc(decode(x, self.vae, a.vae_scaling_factor)).cpu()
+            return to_uint8(viewable(x, self.vae, a.vae_scaling_factor)).cpu()
 
         features = self.fid.chunk_features(mine, generate_uint8)
         if split:  # back into chunk order: rank r holds chunks r, r + W, r + 2W, ...
@@ -73,7 +74,6 @@ def build_evaluator(args, objective, device, vae, autocast_dtype, log=print):
         if args.eval_every:
             raise ValueError("--eval-every on real data needs --fid-ref PATH.npz (an ADM reference batch)")
         return None
-    from fcdm.demo_quality import DemoQuality
     return DemoQuality(args.input_size, objective, args.sampler, args.num_sampling_steps, args.cfg_scale,
                        num_samples=args.eval_samples, seed=args.global_seed, device=device,
                        autocast_dtype=autocast_dtype, log=log)

@@ -1,4 +1,4 @@
-"""The training loop. Read top to bottom: setup, resume, then one optimiser step per iteration.
+"""The training loop, in reading order: set-up (one Run object), one training step, the periodic actions, the loop.
 
 Each step's randomness (timesteps, noise, label dropout) is seeded from (seed, step), so a resumed run repeats
 exactly what an uninterrupted run would have done; timesteps and noise are drawn for the whole global batch and
@@ -6,67 +6,65 @@ sliced per rank, so the run does not depend on how the batch is split across pro
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import math
 import os
 import time
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils.data import DataLoader
 
 import fcdm
-from fcdm.models.flops import model_macs
+from fcdm import distributed
 from fcdm.data import GlobalBatchSampler
+from fcdm.distributed import DistInfo
+from fcdm.models.flops import model_macs
 from fcdm.objectives import build_objective
+from fcdm.vae import encode
 
-from . import checkpoint as ckpt_io
-from . import distributed
-from .builders import build_dataset, build_model, load_vae
+from . import resume
+from .builders import build_dataset, build_model, build_vae, wrap_model
 from .ema import EMA
 from .evaluation import build_evaluator
-from .guards import check_step
-from .logging import RunLogger
-from .samples import sample_grid, save_png
-from .signals import StopRequest
-from .state import TrainState, capture_rng, restore_rng, step_seed
+from .guards import StopRequest, check_step
+from .run_logger import ProgressWindow, RunLogger
+from .previews import sample_grid, save_png
+from .state import TrainState, step_seed
 
 
-def run_directory(args, info) -> str:
-    """<results-dir>/<run>: the run being resumed, --run-name, or the next free NNN-<model> (official naming)."""
-    if info.is_main:
-        run_dir = None
-        resume_path = args.resume if args.resume not in (None, "auto") else args.ckpt
-        if resume_path and os.path.basename(os.path.dirname(os.path.abspath(resume_path))) == "checkpoints":
-            run_dir = os.path.dirname(os.path.dirname(os.path.abspath(resume_path)))
-        elif args.run_name:
-            run_dir = os.path.join(args.results_dir, args.run_name)
-        elif args.resume == "auto":  # the newest existing run of this model with a checkpoint
-            suffix = "-" + args.model
-            runs = sorted(d for d in (os.listdir(args.results_dir) if os.path.isdir(args.results_dir) else [])
-                          if d[:3].isdigit() and d[3:].startswith(suffix))
-            for name in reversed(runs):
-                if ckpt_io.list_checkpoints(os.path.join(args.results_dir, name, "checkpoints")):
-                    run_dir = os.path.join(args.results_dir, name)
-                    break
-        if run_dir is None:
-            os.makedirs(args.results_dir, exist_ok=True)
-            index = len(os.listdir(args.results_dir))
-            run_dir = os.path.join(args.results_dir, f"{index:03d}-{args.model}" +
-                                   (f"-{args.vae_name}" if args.vae_name else ""))
-        os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
-        os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
-    return distributed.broadcast_object(run_dir if info.is_main else None)
+# ---- set-up --------------------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """Everything set-up builds, read by the training step and the periodic actions."""
 
+    args: argparse.Namespace       # the parsed flags, completed by the builders (input size, channels, backend, ...)
+    info: DistInfo
+    run_dir: str
+    log: RunLogger
+    dataset: object
+    vae: object                    # a diffusers AutoencoderKL, or None
+    objective: object
+    model: torch.nn.Module         # unwrapped (or FSDP-sharded in place): what is saved, loaded and clipped
+    wrapped: torch.nn.Module       # what the forward runs: DDP, torch.compile, or the model itself
+    ema: EMA
+    opt: torch.optim.Optimizer
+    amp_dtype: torch.dtype | None  # bf16 autocast, or None for fp32
+    micro_batch: int               # images per process per forward
+    total_steps: int
+    state: TrainState = field(default_factory=TrainState)
+    sampler: GlobalBatchSampler | None = None  # set once the state is restored: the data restarts at its step
+    loader: DataLoader | None = None
+    evaluator: object = None       # callable(ema_model) -> metrics, or None
 
-def find_resume_checkpoint(args, ckpt_dir: str, log) -> tuple[str, dict] | None:
-    """(path, contents) of the checkpoint to start from, or None. Rank 0 chooses, so all ranks load the same file."""
-    path = args.resume or args.ckpt
-    if args.resume == "auto":
-        found = ckpt_io.find_latest_valid(ckpt_dir, log) if distributed.info().is_main else None
-        path = distributed.broadcast_object(found[0] if found else None)
-        if found is not None:
-            return found  # rank 0 has it loaded already
-    return (path, ckpt_io.load(path)) if path else None
+    @property
+    def device(self) -> torch.device:
+        return self.info.device
+
+    @property
+    def ckpt_dir(self) -> str:
+        return os.path.join(self.run_dir, "checkpoints")
 
 
 def lr_at(args, step: int) -> float:
@@ -74,285 +72,266 @@ def lr_at(args, step: int) -> float:
     return args.lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else args.lr
 
 
-def wrap(model, ema, args, info):
-    """DDP, FSDP2 or nothing (a single process needs no wrapper), then optionally torch.compile."""
-    if args.fsdp:
-        from torch.distributed.fsdp import fully_shard
-        for module in (model, ema.module):
-            for block in module.all_blocks():
-                fully_shard(block)
-            fully_shard(module)
-        train_model = model
-    elif info.world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel
-        device_ids = [info.device.index] if info.device.type == "cuda" else None
-        train_model = DistributedDataParallel(model, device_ids=device_ids)
-    else:
-        train_model = model
-    return torch.compile(train_model) if args.compile else train_model
-
-
-def training_payload(model, ema, opt, args, state, fsdp: bool) -> dict:
-    """The checkpoint dict (collective under FSDP or DDP; meaningful on rank 0)."""
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict)
-        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_sd, ema_sd = get_model_state_dict(model, options=full), get_model_state_dict(ema.module, options=full)
-        opt_sd = get_optimizer_state_dict(model, opt, options=full)
-    else:
-        model_sd, ema_sd, opt_sd = model.state_dict(), ema.module.state_dict(), opt.state_dict()
-    rng = distributed.all_gather_object(capture_rng())
-    return {"model": model_sd, "ema": ema_sd, "opt": opt_sd, "args": dict(vars(args)),
-            "train_state": state.to_dict(), "rng": rng, "world_size": distributed.info().world_size,
-            "format": ckpt_io.FORMAT}
-
-
-def restore(ckpt: dict, model, ema, opt, state: TrainState, args, info, log) -> None:
-    """Load a checkpoint into the (unwrapped, or FSDP-sharded) model, EMA, optimiser, state and RNGs."""
-    if args.fsdp:
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                             set_optimizer_state_dict)
-        full = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(model, ckpt["model"], options=full)
-        set_model_state_dict(ema.module, ckpt.get("ema", ckpt["model"]), options=full)
-        if "opt" in ckpt:
-            set_optimizer_state_dict(model, opt, ckpt["opt"], options=full)
-    else:
-        try:
-            model.load_state_dict(ckpt["model"])
-            ema.module.load_state_dict(ckpt.get("ema", ckpt["model"]))
-        except RuntimeError as e:  # missing keys or shape mismatches: a checkpoint of another architecture
-            raise ValueError(f"the checkpoint does not fit this model (check --model, --hidden-size, --depth, "
-                             f"--num-classes, --objective): {e}") from e
-        if "opt" in ckpt:
-            opt.load_state_dict(ckpt["opt"])
-    if ckpt.get("format") != ckpt_io.FORMAT:
-        log("loaded weights and optimiser from an official checkpoint; step and data position start at 0")
-        return
-    restored = TrainState.from_dict(ckpt["train_state"])
-    state.__dict__.update(restored.__dict__)
-    rng = ckpt.get("rng", [])
-    if ckpt.get("world_size") == info.world_size and info.rank < len(rng):
-        restore_rng(rng[info.rank])
-    else:
-        log(f"world size changed ({ckpt.get('world_size')} -> {info.world_size}): per-rank RNG states not "
-            f"restored; data order and per-step noise are unaffected")
-
-
-def train(args) -> TrainState:
-    """Train as configured by fcdm.train.config.parse_args; returns the final TrainState."""
-    info = distributed.init(args.device, require_group=args.fsdp, timeout_minutes=args.dist_timeout_minutes)
-    if args.global_batch_size % (info.world_size * args.grad_accum):
-        raise ValueError(f"--global-batch-size {args.global_batch_size} does not split evenly over {info.world_size} "
+def micro_batch_size(args, world_size: int) -> int:
+    """Images per process per forward; ValueError when the global batch does not split evenly."""
+    if args.global_batch_size % (world_size * args.grad_accum):
+        raise ValueError(f"--global-batch-size {args.global_batch_size} does not split evenly over {world_size} "
                          f"processes x --grad-accum {args.grad_accum}; use a multiple of "
-                         f"{info.world_size * args.grad_accum}")
-    micro_batch = args.global_batch_size // (info.world_size * args.grad_accum)
+                         f"{world_size * args.grad_accum}")
+    return args.global_batch_size // (world_size * args.grad_accum)
+
+
+def total_steps(args, dataset_size: int) -> int:
+    steps_per_epoch = dataset_size // args.global_batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"the dataset has {dataset_size} items, fewer than one global batch of "
+                         f"{args.global_batch_size}")
+    return min(args.max_train_steps, args.epochs * steps_per_epoch)
+
+
+def setup(args) -> Run:
+    """Processes, data, model, EMA and optimiser, resumed from a checkpoint when one is asked for, and the evaluator."""
+    info = distributed.init(args.device, require_group=args.fsdp, timeout_minutes=args.dist_timeout_minutes)
+    micro_batch = micro_batch_size(args, info.world_size)
     if args.backend is not None:
         fcdm.set_backend(args.backend)
     args.backend = fcdm.get_backend()  # what runs (and what the checkpoint records): flag, FCDM_BACKEND or auto
-    device = info.device
-    if device.type == "cuda":  # TF32 for the fp32 parts on Ampere+; bf16 autocast does the rest
+    if info.device.type == "cuda":  # TF32 for the fp32 parts on Ampere+; bf16 autocast does the rest
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    amp_dtype = torch.bfloat16 if args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda") \
-        else None
+    use_bf16 = args.precision == "bf16" or (args.precision == "auto" and info.device.type == "cuda")
 
-    # --- data, model, objective --------------------------------------------------------------------------------
     dataset = build_dataset(args)
-    vae = load_vae(args, device)
+    vae = build_vae(args, info.device)
     torch.manual_seed(args.global_seed)  # the same initial weights on every rank and in every run with this seed
-    model = build_model(args).to(device)
+    model = build_model(args).to(info.device)
     objective = build_objective(args.objective)
     args.sampler = args.sampler or objective.default_sampler
     ema = EMA(model, args.ema_decay, args.ema_warmup)
-    run_dir = run_directory(args, info)
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
-    steps_per_epoch = len(dataset) // args.global_batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"the dataset has {len(dataset)} items, fewer than one global batch of "
-                         f"{args.global_batch_size}")
-    total_steps = min(args.max_train_steps, args.epochs * steps_per_epoch)
-    log = RunLogger(run_dir, info.is_main, total_steps, progress=not args.no_progress)
+    run_dir = resume.run_directory(args)
+    steps = total_steps(args, len(dataset))
+    log = RunLogger(run_dir, info.is_main, steps, progress=not args.no_progress)
 
-    # --- resume: check the settings first, then load into the unwrapped (or FSDP-sharded) modules ---------------
-    state = TrainState()
-    found = find_resume_checkpoint(args, ckpt_dir, log.info)
-    if found is not None and found[1].get("format") == ckpt_io.FORMAT:
-        ckpt_io.check_compatible(found[1]["args"], vars(args), found[0])
-    wrapped = wrap(model, ema, args, info)
+    # Check a checkpoint's settings before wrapping; load it after, into the unwrapped (or FSDP-sharded) modules.
+    found = resume.find_resume_checkpoint(args, os.path.join(run_dir, "checkpoints"), log.info)
+    if found is not None and found[1].get("format") == resume.FORMAT:
+        resume.check_compatible(found[1]["args"], vars(args), found[0])
+    wrapped = wrap_model(model, ema, args, info.world_size, info.device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    run = Run(args, info, run_dir, log, dataset, vae, objective, model, wrapped, ema, opt,
+              torch.bfloat16 if use_bf16 else None, micro_batch, steps)
     if found is not None:
-        restore(found[1], model, ema, opt, state, args, info, log.info)
-        log.info(f"resumed from {found[0]} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
+        resume.restore(found[1], model, ema, opt, run.state, args, log.info)
+        log.info(f"resumed from {found[0]} at step {run.state.step} (epoch {run.state.epoch}, "
+                 f"batch {run.state.batch_in_epoch})")
     elif args.resume == "auto":
-        log.info(f"--resume auto: no checkpoint in {ckpt_dir}, starting fresh")
-    del found
-    if log.bar is not None:
-        log.bar.n = state.step
+        log.info(f"--resume auto: no checkpoint in {run.ckpt_dir}, starting fresh")
+    log.resume_at(run.state.step)
+    run.sampler, run.loader = data_loader(run)
+    describe(run)
+    run.evaluator = build_evaluator(args, objective, info.device, vae, run.amp_dtype, log.info)
+    return run
 
-    sampler = GlobalBatchSampler(len(dataset), args.global_batch_size, info.rank, info.world_size, args.grad_accum,
-                                 args.global_seed, start_step=state.step)
+
+def data_loader(run: Run) -> tuple[GlobalBatchSampler, DataLoader]:
+    """The batch sampler (restarting at the run's step) and a loader of this rank's micro-batches."""
+    args = run.args
+    sampler = GlobalBatchSampler(len(run.dataset), args.global_batch_size, run.info.rank, run.info.world_size,
+                                 args.grad_accum, args.global_seed, start_step=run.state.step)
     # A private generator: creating the loader iterator must not consume the global RNG (exact resume).
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
-                        pin_memory=device.type == "cuda", generator=torch.Generator(),
+    loader = DataLoader(run.dataset, batch_sampler=sampler, num_workers=args.num_workers,
+                        pin_memory=run.device.type == "cuda", generator=torch.Generator(),
                         persistent_workers=args.num_workers > 0)
-    n_params = sum(p.numel() for p in ema.module.parameters())
-    gflops = model_macs(ema.module, args.input_size) / 1e9
+    return sampler, loader
+
+
+def describe(run: Run) -> None:
+    """The run's opening log lines: model size and cost, parallelism and precision, data, where output goes."""
+    args, info, log = run.args, run.info, run.log
+    n_params = sum(p.numel() for p in run.ema.module.parameters())
+    gflops = model_macs(run.ema.module, args.input_size) / 1e9
     log.info(f"model {args.model} (C={args.hidden_size}, depth={args.depth}), {n_params / 1e6:.2f}M parameters, "
              f"{gflops:.3f} GFLOPs (GMACs) per forward at {args.input_size}px, {args.in_channels} channels")
-    log.info(f"world size {info.world_size} on {device.type}, global batch {args.global_batch_size} = "
-             f"{info.world_size} x {micro_batch} x {args.grad_accum} accumulation, precision "
-             f"{'bf16' if amp_dtype else 'fp32'}, backend {args.backend}, objective {args.objective}, "
+    log.info(f"world size {info.world_size} on {run.device.type}, global batch {args.global_batch_size} = "
+             f"{info.world_size} x {run.micro_batch} x {args.grad_accum} accumulation, precision "
+             f"{'bf16' if run.amp_dtype else 'fp32'}, backend {args.backend}, objective {args.objective}, "
              f"{'FSDP2' if args.fsdp else 'DDP' if info.world_size > 1 else 'no wrapper'}"
              f"{', compiled' if args.compile else ''}")
-    log.info(f"data: {dataset.describe()}{' (encoded with the VAE)' if args.data_source == 'imagefolder_latent' else ''}"
-             f"; {steps_per_epoch} steps per epoch, training {total_steps} steps")
-    log.info(f"run directory {run_dir}")
-    evaluator = build_evaluator(args, objective, device, vae, amp_dtype, log.info)
+    log.info(f"data: {run.dataset.describe()}"
+             f"{' (encoded with the VAE)' if args.data_source == 'imagefolder_latent' else ''}; "
+             f"{len(run.dataset) // args.global_batch_size} steps per epoch, training {run.total_steps} steps")
+    log.info(f"run directory {run.run_dir}")
 
-    def save(name: str | None = None) -> str | None:
-        payload = training_payload(model, ema, opt, args, state, args.fsdp)
-        path = os.path.join(ckpt_dir, name or ckpt_io.checkpoint_name(state.step))
-        if info.is_main:
-            if not (ckpt_io.all_finite(payload["model"]) and ckpt_io.all_finite(payload["ema"])):
-                raise RuntimeError(f"refusing to save non-finite weights at step {state.step}")
-            ckpt_io.atomic_save(payload, path)
-            if name is None:
-                ckpt_io.prune(ckpt_dir, args.keep_last)
-            log.info(f"saved checkpoint {path}")
-        distributed.barrier()
-        return path
 
-    def reshard_ema() -> None:
-        # FSDP2 leaves a root module unsharded after a forward, expecting a backward to follow; the EMA has none, and
-        # its next update would then meet full tensors where the model has shards.
-        if args.fsdp:
-            ema.module.reshard()
+# ---- one training step ---------------------------------------------------------------------------------------------
+def micro_step(run: Run, batch, gen: torch.Generator, last: bool) -> torch.Tensor:
+    """Forward and backward of one micro-batch; returns its share of the step's mean loss (detached)."""
+    args, device, rank = run.args, run.device, run.info.rank
+    x, y = (t.to(device, non_blocking=True) for t in batch)
+    if run.vae is not None and args.data_source == "imagefolder_latent":
+        x = encode(run.vae, x, args.vae_scaling_factor)
+    rows, mine = run.micro_batch * run.info.world_size, slice(rank * run.micro_batch, (rank + 1) * run.micro_batch)
+    t = run.objective.sample_t(rows, device, generator=gen)[mine]
+    noise = torch.randn((rows, *x.shape[1:]), generator=gen, device=device)[mine]
+    # CFG label dropout, drawn on the global batch like t and noise (the model is built with label_dropout="external"):
+    # the same labels are dropped whatever the world size.
+    drop = torch.rand(rows, generator=gen, device=device)[mine]
+    y = torch.where(drop < args.class_dropout_prob, torch.full_like(y, args.num_classes), y)
+    if args.fsdp:  # FSDP2's no_sync: accumulate unsharded, reduce-scatter once after the last micro-batch
+        run.model.set_requires_gradient_sync(last)
+    no_sync = run.wrapped.no_sync() if (not last and hasattr(run.wrapped, "no_sync")) else contextlib.nullcontext()
+    with no_sync:
+        with torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
+            loss = run.objective.training_losses(run.wrapped, x, t, model_kwargs=dict(y=y), noise=noise)["loss"]
+        loss = loss.float().mean() / args.grad_accum
+        loss.backward()
+    return loss.detach()
 
-    def write_samples() -> None:
-        if info.is_main or args.fsdp:  # FSDP's sharded EMA needs every rank in the forward
-            grid = sample_grid(ema.module, objective, args, device, vae, autocast_dtype=amp_dtype)
-            reshard_ema()
-            if info.is_main:
-                path = os.path.join(run_dir, "samples", f"{state.step:07d}.png")
-                save_png(grid, path)
-                log.info(f"wrote sample grid {path}")
-        distributed.barrier()
 
-    def evaluate() -> None:
-        # An evaluator that splits its work over the processes runs on all of them; others run once, on rank 0
-        # (all ranks under FSDP, whose sharded EMA needs every process in each forward).
-        every_rank = args.fsdp or getattr(evaluator, "runs_on_every_rank", False)
-        metrics = evaluator(ema.module) if (info.is_main or every_rank) else {}
-        reshard_ema()
-        metrics = distributed.broadcast_object(metrics)
-        log.info("eval: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-        log.metrics(state.step, {f"eval/{k}": v for k, v in metrics.items()})
-        value = metrics[evaluator.metric]
-        sign = 1 if evaluator.lower_is_better else -1
-        if state.best_metric is None or sign * value < sign * state.best_metric:
-            state.best_metric, state.best_step = value, state.step
-            save("best.pt")
+def train_step(run: Run, batches, stop_requested: bool) -> tuple[float, float, float, bool]:
+    """One optimiser step over --grad-accum micro-batches, skipped when not finite.
 
-    # --- the loop -----------------------------------------------------------------------------------------------
-    wrapped.train()
-    batches = iter(loader)
-    window = {"loss": 0.0, "steps": 0, "start": time.time()}
+    Returns (loss, grad_norm, lr, stop), the same on every rank: stop is True when any rank was asked to stop."""
+    args, state, device = run.args, run.state, run.device
+    torch.manual_seed(step_seed(args.global_seed, state.step, run.info.rank))  # on-the-fly VAE posterior samples
+    lr = lr_at(args, state.step)
+    for group in run.opt.param_groups:
+        group["lr"] = lr
+    # Timesteps and noise for the whole global batch, identical on every rank; each rank takes its slice.
+    gen = torch.Generator(device).manual_seed(step_seed(args.global_seed, state.step))
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(args.grad_accum):
+        loss_sum += micro_step(run, next(batches), gen, last=micro == args.grad_accum - 1)
+
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.max_grad_norm or math.inf)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    # One all-reduce for the logged loss and the stop flag, so every rank decides alike; then a single
+    # device-to-host copy for all three scalars (grad_norm is already identical on every rank).
+    synced = distributed.all_reduce_mean(torch.stack([loss_sum, torch.tensor(float(stop_requested), device=device)]))
+    loss, stop_flag, grad_value = torch.cat([synced, grad_norm.reshape(1).to(synced.dtype)]).tolist()
+    if check_step(state, loss, grad_value, args.max_consecutive_skips):
+        run.opt.step()
+        run.ema.update(run.model, state.step)
+    else:
+        run.log.info(f"step {state.step}: non-finite loss {loss} / grad norm {grad_value}; skipped "
+                     f"({state.skipped_steps} skipped in total)")
+        run.log.metrics(state.step, {"skipped_steps": state.skipped_steps})
+    run.opt.zero_grad(set_to_none=True)
+    return loss, grad_value, lr, stop_flag > 0
+
+
+# ---- periodic actions ----------------------------------------------------------------------------------------------
+def log_progress(run: Run, window: ProgressWindow, grad_norm: float, lr: float) -> None:
+    """A log line and a metrics.jsonl row for the steps since the last one."""
+    state = run.state
+    metrics = {**window.summary(run.args.global_batch_size), "grad_norm": grad_norm, "lr": lr, "epoch": state.epoch,
+               "skipped_steps": state.skipped_steps}
+    if run.device.type == "cuda":
+        metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(run.device) / 2**30
+    run.log.metrics(state.step, metrics)
+    run.log.info(f"step {state.step:07d} loss {metrics['loss']:.4f} {metrics['steps_per_s']:.2f} steps/s "
+                 f"{metrics['img_per_s']:.1f} img/s grad_norm {metrics['grad_norm']:.3g} lr {lr:.2e}"
+                 + (f" peak_mem {metrics['peak_mem_gib']:.2f} GiB" if "peak_mem_gib" in metrics else ""))
+    window.reset()
+
+
+def save_checkpoint(run: Run, name: str | None = None) -> str:
+    """Write checkpoints/<step>.pt, keeping the newest --keep-last (or `name`, kept always). Every rank calls it."""
+    payload = resume.training_payload(run.model, run.ema, run.opt, run.args, run.state)
+    path = os.path.join(run.ckpt_dir, name or resume.checkpoint_name(run.state.step))
+    if run.info.is_main:
+        resume.write_checkpoint(payload, path, keep_last=None if name else run.args.keep_last)
+        run.log.info(f"saved checkpoint {path}")
+    distributed.barrier()
+    return path
+
+
+def reshard_ema(run: Run) -> None:
+    # FSDP2 leaves a root module unsharded after a forward, expecting a backward to follow; the EMA has none, and
+    # its next update would then meet full tensors where the model has shards.
+    if run.args.fsdp:
+        run.ema.module.reshard()
+
+
+def write_sample_grid(run: Run) -> None:
+    """samples/<step>.png: one row of EMA samples per preview class, from the same noise every time."""
+    if run.info.is_main or run.args.fsdp:  # FSDP's sharded EMA needs every rank in the forward
+        grid = sample_grid(run.ema.module, run.objective, run.args, run.device, run.vae, autocast_dtype=run.amp_dtype)
+        reshard_ema(run)
+        if run.info.is_main:
+            path = os.path.join(run.run_dir, "samples", f"{run.state.step:07d}.png")
+            save_png(grid, path)
+            run.log.info(f"wrote sample grid {path}")
+    distributed.barrier()
+
+
+def evaluate(run: Run) -> None:
+    """Score the EMA with the evaluator, log the metrics, and save best.pt when the score is the best so far."""
+    # An evaluator that splits its work over the processes runs on all of them; others run once, on rank 0
+    # (all ranks under FSDP, whose sharded EMA needs every process in each forward).
+    evaluator, state = run.evaluator, run.state
+    every_rank = run.args.fsdp or getattr(evaluator, "runs_on_every_rank", False)
+    metrics = evaluator(run.ema.module) if (run.info.is_main or every_rank) else {}
+    reshard_ema(run)
+    metrics = distributed.broadcast_object(metrics)
+    run.log.info("eval: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    run.log.metrics(state.step, {f"eval/{k}": v for k, v in metrics.items()})
+    value = metrics[evaluator.metric]
+    sign = 1 if evaluator.lower_is_better else -1
+    if state.best_metric is None or sign * value < sign * state.best_metric:
+        state.best_metric, state.best_step = value, state.step
+        save_checkpoint(run, "best.pt")
+
+
+def finish(run: Run, session_start: float, session_step0: int) -> None:
+    """After the last step: a final sample grid and evaluation, and where everything went."""
+    write_sample_grid(run)
+    if run.evaluator is not None and (run.args.final_eval or run.args.eval_every):
+        evaluate(run)
+    rate = (run.state.step - session_step0) / max(time.time() - session_start, 1e-9)
+    run.log.info(f"done: {run.state.step} steps ({rate:.2f} steps/s this session). Checkpoints in {run.ckpt_dir}, "
+                 f"samples in {os.path.join(run.run_dir, 'samples')}, metrics in "
+                 f"{os.path.join(run.run_dir, 'metrics.jsonl')}")
+
+
+def due(step: int, every: int) -> bool:
+    """True every `every` steps (never when `every` is 0)."""
+    return bool(every) and step % every == 0
+
+
+# ---- the loop ------------------------------------------------------------------------------------------------------
+def train(args) -> TrainState:
+    """Train as configured by fcdm.train.config.parse_args; returns the final TrainState."""
+    run = setup(args)
+    state, log = run.state, run.log
+    batches, window = iter(run.loader), ProgressWindow()
     session_start, session_step0 = time.time(), state.step
+    run.wrapped.train()
     with StopRequest() as stop:
-        while state.step < total_steps:
+        while state.step < run.total_steps:
             step_start = time.time()
-            torch.manual_seed(step_seed(args.global_seed, state.step, info.rank))  # on-the-fly VAE posterior samples
-            lr = lr_at(args, state.step)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            # Timesteps and noise for the whole global batch, identical on every rank; each rank takes its slice.
-            gen = torch.Generator(device).manual_seed(step_seed(args.global_seed, state.step))
-            rank_slice = slice(info.rank * micro_batch, (info.rank + 1) * micro_batch)
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(args.grad_accum):
-                x, y = next(batches)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                if vae is not None and args.data_source == "imagefolder_latent":
-                    with torch.no_grad():
-                        x = vae.encode(x).latent_dist.sample() * args.vae_scaling_factor
-                t = objective.sample_t(micro_batch * info.world_size, device, generator=gen)[rank_slice]
-                noise = torch.randn((micro_batch * info.world_size, *x.shape[1:]), generator=gen,
-                                    device=device)[rank_slice]
-                # CFG label dropout, drawn on the global batch like t and noise (the model is built with
-                # label_dropout="external"): the same labels are dropped whatever the world size.
-                drop = torch.rand(micro_batch * info.world_size, generator=gen, device=device)[rank_slice]
-                y = torch.where(drop < args.class_dropout_prob, torch.full_like(y, args.num_classes), y)
-                last = micro == args.grad_accum - 1
-                if args.fsdp:  # FSDP2's no_sync: accumulate unsharded, reduce-scatter once after the last micro-batch
-                    model.set_requires_gradient_sync(last)
-                no_sync = wrapped.no_sync() if (not last and hasattr(wrapped, "no_sync")) else contextlib.nullcontext()
-                with no_sync:
-                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                        loss = objective.training_losses(wrapped, x, t, model_kwargs=dict(y=y), noise=noise)["loss"]
-                    loss = loss.float().mean() / args.grad_accum
-                    loss.backward()
-                loss_sum += loss.detach()
-
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            # One all-reduce for the logged loss and the stop flag, so every rank decides alike; then a single
-            # device-to-host copy for all three scalars (grad_norm is already identical on every rank).
-            synced = distributed.all_reduce_mean(torch.stack([loss_sum, torch.tensor(
-                float(stop.requested), device=device)]))
-            loss_value, stop_flag, grad_value = torch.cat([synced, grad_norm.reshape(1).to(synced.dtype)]).tolist()
-            stop_now = stop_flag > 0
-            if check_step(state, loss_value, grad_value, args.max_consecutive_skips):
-                opt.step()
-                ema.update(model, state.step)
-            else:
-                log.info(f"step {state.step}: non-finite loss {loss_value} / grad norm {grad_value}; skipped "
-                         f"({state.skipped_steps} skipped in total)")
-                log.metrics(state.step, {"skipped_steps": state.skipped_steps})
-            opt.zero_grad(set_to_none=True)
-
+            loss, grad_norm, lr, stop_now = train_step(run, batches, stop.requested)
             state.step += 1
             state.images_seen += args.global_batch_size
-            state.epoch, state.batch_in_epoch = sampler.position(state.step)
+            state.epoch, state.batch_in_epoch = run.sampler.position(state.step)
             state.elapsed_s += time.time() - step_start
-            if math.isfinite(loss_value):
-                window["loss"] += loss_value
-                window["steps"] += 1
-            log.advance(1, {"loss": f"{loss_value:.4f}"})
+            window.add(loss)
+            log.advance(1, {"loss": f"{loss:.4f}"})
 
-            if state.step % args.log_every == 0 or state.step == total_steps:
-                seconds = time.time() - window["start"]
-                steps = max(window["steps"], 1)
-                metrics = {"loss": window["loss"] / steps, "steps_per_s": steps / seconds,
-                           "img_per_s": steps * args.global_batch_size / seconds, "grad_norm": grad_value,
-                           "lr": lr, "epoch": state.epoch, "skipped_steps": state.skipped_steps}
-                if device.type == "cuda":
-                    metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-                log.metrics(state.step, metrics)
-                log.info(f"step {state.step:07d} loss {metrics['loss']:.4f} {metrics['steps_per_s']:.2f} steps/s "
-                         f"{metrics['img_per_s']:.1f} img/s grad_norm {metrics['grad_norm']:.3g} lr {lr:.2e}"
-                         + (f" peak_mem {metrics['peak_mem_gib']:.2f} GiB" if "peak_mem_gib" in metrics else ""))
-                window = {"loss": 0.0, "steps": 0, "start": time.time()}
-
-            finished = state.step == total_steps
-            if stop_now or finished or (args.ckpt_every and state.step % args.ckpt_every == 0):
-                save()
-            if args.sample_every and state.step % args.sample_every == 0 and not finished:
-                write_samples()
-            if evaluator is not None and args.eval_every and state.step % args.eval_every == 0 and not finished:
-                evaluate()
+            finished = state.step == run.total_steps
+            if due(state.step, args.log_every) or finished:
+                log_progress(run, window, grad_norm, lr)
+            if stop_now or finished or due(state.step, args.ckpt_every):
+                save_checkpoint(run)
+            if due(state.step, args.sample_every) and not finished:
+                write_sample_grid(run)
+            if run.evaluator is not None and due(state.step, args.eval_every) and not finished:
+                evaluate(run)
             if stop_now:
                 log.info(f"stopping after step {state.step} on {stop.signal_name or 'a signal to another rank'}; "
                          f"resume with --resume auto")
                 break
-
-    if state.step == total_steps:
-        write_samples()
-        if evaluator is not None and (args.final_eval or args.eval_every):
-            evaluate()
-        rate = (state.step - session_step0) / max(time.time() - session_start, 1e-9)
-        log.info(f"done: {state.step} steps ({rate:.2f} steps/s this session). Checkpoints in {ckpt_dir}, samples in "
-                 f"{os.path.join(run_dir, 'samples')}, metrics in {os.path.join(run_dir, 'metrics.jsonl')}")
+    if state.step == run.total_steps:
+        finish(run, session_start, session_step0)
     log.close()
     return state

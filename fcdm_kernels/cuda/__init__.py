@@ -8,6 +8,6 @@ from .extension import load_extension
 
 _C = load_extension()
 
-from . import autotune, ops  # noqa: E402  (both need the ops the extension registers)
+from . import autotune, registration  # noqa: E402  (both need the ops the extension registers)
 
-__all__ = ["autotune", "ops"]
+__all__ = ["autotune", "registration"]

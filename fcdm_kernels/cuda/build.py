@@ -1,7 +1,8 @@
 """How the CUDA extension (csrc/) is compiled: the source list and flags, a JIT build, and the CI compile check.
 
 This file imports nothing from fcdm, so setup.py and the build test can load it by path (importing the
-`fcdm_kernels.cuda` package itself tries to load the very extension being built).
+`fcdm_kernels.cuda` package itself tries to load the very extension being built), and torch only inside the
+functions that need it, so that setup.py can load it where torch is not installed.
 
 * `jit_load()`: `torch.utils.cpp_extension.load` with ninja, for a source checkout on a machine with a CUDA torch.
 * `ci_build(build_dir)`: compiles and links the extension with nvcc for sm_90 against whatever torch is installed, even
@@ -11,6 +12,7 @@ This file imports nothing from fcdm, so setup.py and the build test can load it 
 """
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import subprocess
@@ -95,8 +97,6 @@ def jit_load(verbose: bool = False):
 
 def _torch_cxx_std() -> str:
     """The C++ standard torch's own extension builder uses (c++17 up to torch 2.12, c++20 after)."""
-    import inspect
-
     import torch.utils.cpp_extension as cpp_extension
     return "c++20" if "-std=c++20" in inspect.getsource(cpp_extension) else "c++17"
 

@@ -6,6 +6,8 @@ import os
 
 import torch
 
+from . import build  # stdlib only: importing it builds nothing
+
 JIT_ENV = "FCDM_CUDA_JIT"  # "1": compile csrc/ with torch.utils.cpp_extension.load on first use (needs nvcc, ninja)
 
 
@@ -18,7 +20,6 @@ def load_extension():
     if torch.version.cuda is None:
         raise ImportError(f"torch {torch.__version__} is a CPU-only build, so the CUDA extension cannot run here")
     if os.environ.get(JIT_ENV) == "1":
-        from . import build
         if not build.sources():
             raise ImportError(f"{JIT_ENV}=1 but there is no csrc/ next to the package (JIT needs a source checkout)")
         try:

@@ -23,5 +23,4 @@ def _prefer_triton(x):
 
 # Never replace a chooser another backend installed first (the CUDA backend's one times both backends).
 for _op in ("dwconv_ln_modulate", "grn_mlp"):
-    if _op not in dispatch._auto_preference:
-        dispatch.set_auto_preference(_op, _prefer_triton)
+    dispatch.set_auto_preference(_op, _prefer_triton, replace=False)

@@ -110,12 +110,16 @@ def convnext_block_forward(x, shift, scale, gate, dw_weight, dw_bias, w1, b1, ga
 
 
 def convnext_block_backward(g, x, shift, scale, gate, dw_weight, dw_bias, w1, gamma, beta, w2, b2, pre, ss, s):
-    """All twelve input gradients from g, x, pre, the GRN vectors and the parameters (see the module docstring)."""
+    """All twelve input gradients from g, x, pre, the GRN vectors and the parameters (see the module docstring).
+
+    h is recomputed for dw1 alone; an empty shift says dw1 is not wanted, and then h is not recomputed and dw1 comes
+    back zero."""
     B, H, W, C = x.shape
     P, M = H * W, B * H * W
     dt = x.dtype
     g2 = g.reshape(M, C)
-    h2 = dwconv_ln_modulate_forward(x, dw_weight, dw_bias, shift, scale, LN_EPS).view(M, C)  # recomputed h
+    h2 = dwconv_ln_modulate_forward(x, dw_weight, dw_bias, shift, scale, LN_EPS).view(M, C) if shift.numel() \
+        else None
 
     dz, db2, gsum = mlp.gate_backward(g2, None, gate, P)    # gsum = sum_p g: z is never saved
 
@@ -137,7 +141,7 @@ def convnext_block_backward(g, x, shift, scale, gate, dw_weight, dw_bias, w1, ga
 
 
 # ------------------------------------------------------------------------------------------ torch.library op + autograd
-@torch.library.custom_op("fcdm_triton::convnext_block", mutates_args=())
+@torch.library.custom_op("fcdm::convnext_block_triton", mutates_args=())
 def convnext_block_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, gate: torch.Tensor,
                       dw_weight: torch.Tensor, dw_bias: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
                       gamma: torch.Tensor, beta: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, save: bool
@@ -155,7 +159,7 @@ def _(x, shift, scale, gate, dw_weight, dw_bias, w1, b1, gamma, beta, w2, b2, sa
             x.new_empty((B, J), dtype=torch.float32))
 
 
-@torch.library.custom_op("fcdm_triton::convnext_block_backward", mutates_args=())
+@torch.library.custom_op("fcdm::convnext_block_triton_backward", mutates_args=())
 def convnext_block_backward_op(
         g: torch.Tensor, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, gate: torch.Tensor,
         dw_weight: torch.Tensor, dw_bias: torch.Tensor, w1: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
@@ -170,7 +174,7 @@ def convnext_block_backward_op(
 
 @convnext_block_backward_op.register_fake
 def _(g, x, shift, scale, gate, dw_weight, dw_bias, w1, gamma, beta, w2, b2, pre, ss, s):
-    return (torch.empty_like(x), torch.empty_like(shift), torch.empty_like(scale), torch.empty_like(gate),
+    return (torch.empty_like(x), torch.empty_like(scale), torch.empty_like(scale), torch.empty_like(gate),
             torch.empty_like(dw_weight), torch.empty_like(dw_bias), torch.empty_like(w1),
             w1.new_empty(w1.shape[:1]), torch.empty_like(gamma), torch.empty_like(beta), torch.empty_like(w2),
             torch.empty_like(b2))
@@ -179,14 +183,17 @@ def _(g, x, shift, scale, gate, dw_weight, dw_bias, w1, gamma, beta, w2, b2, pre
 def _setup_context(ctx, inputs, output):
     x, shift, scale, gate, dw_weight, dw_bias, w1, b1, gamma, beta, w2, b2, save = inputs
     _, pre, ss, s = output
-    # No (B, H, W, C) tensor besides x: h is recomputed from x and z is never needed (module docstring).
-    ctx.save_for_backward(x, shift, scale, gate, dw_weight, dw_bias, w1, gamma, beta, w2, b2, pre, ss, s)
+    # No (B, H, W, C) tensor besides x: h is recomputed from x and z is never needed (module docstring). shift serves
+    # only that recomputation, which serves only dw1: without dw1 wanted, neither happens.
+    needs_dw1 = ctx.needs_input_grad[6]
+    ctx.save_for_backward(x, shift if needs_dw1 else shift.new_empty(0), scale, gate, dw_weight, dw_bias, w1, gamma,
+                          beta, w2, b2, pre, ss, s)
     ctx.saved_activations = save
 
 
 def _backward(ctx, g, *unused_grads):
     if not ctx.saved_activations:
-        raise RuntimeError("fcdm_triton::convnext_block was called with save=False, so it cannot be differentiated")
+        raise RuntimeError("fcdm::convnext_block_triton was called with save=False, so it cannot be differentiated")
     grads = convnext_block_backward_op(g.contiguous(), *ctx.saved_tensors)
     return tuple(gr if need else None for gr, need in zip(grads, ctx.needs_input_grad[:12])) + (None,)
 

@@ -37,8 +37,9 @@ from . import launch
 
 # Integer arguments that are multiples of 16 at every FCDM width get Triton's divisibility hint, as a launch would.
 _DIVISIBLE = {"C", "N", "K", "J"}
-# Triton releases (major.minor) on which every default config compiles for sm_90 without spills.
-TUNED_TRITON = ("3.6", "3.9")
+# Triton releases (major.minor) on which every default config compiles for sm_90 without spills (what other releases
+# keep on the stack is listed in benchmarks/NOTES.md).
+TUNED_TRITON = ("3.9",)
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # (channels, pixels per image) of the three FCDM-XL levels at 256px (a 32x32 latent), then FCDM-T's first level at
 # 128px, whose 32-channel GEMM2 output is narrower than every wide tile.

@@ -20,6 +20,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
+from triton.runtime.jit import KernelInterface
 
 from . import block, dwconv_ln_modulate, grn_mlp, launch
 
@@ -82,7 +83,6 @@ class _KernelStub:
 @contextlib.contextmanager
 def _as_on_cuda(report: DryRunReport):
     """CUDA's launch configs (no interpreter, untuned GEMMs) and stubbed kernels, restored afterwards."""
-    from triton.runtime.jit import KernelInterface
     saved = []
 
     def patch(owner, name, value):

@@ -269,7 +269,7 @@ def dwconv_ln_modulate_backward(dh, x, weight, bias, scale, eps: float, residual
 
 
 # ------------------------------------------------------------------------------------------ torch.library op + autograd
-@torch.library.custom_op("fcdm_triton::dwconv_ln_modulate", mutates_args=())
+@torch.library.custom_op("fcdm::dwconv_ln_modulate_triton", mutates_args=())
 def dwconv_ln_modulate_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, shift: torch.Tensor,
                           scale: torch.Tensor, eps: float) -> torch.Tensor:
     """h from x, in one pass; the contract of fcdm_kernels.ops.dwconv_ln_modulate."""
@@ -282,7 +282,7 @@ def _(x, weight, bias, shift, scale, eps):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("fcdm_triton::dwconv_ln_modulate_backward", mutates_args=())
+@torch.library.custom_op("fcdm::dwconv_ln_modulate_triton_backward", mutates_args=())
 def dwconv_ln_modulate_backward_op(
         dh: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -299,11 +299,17 @@ def _(dh, x, weight, bias, scale, eps):
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, shift, scale, eps = inputs
-    ctx.save_for_backward(x, weight, bias, scale)
+    # Every gradient but dshift (dh summed over the pixels) recomputes the LayerNorm from x, weight, bias and scale;
+    # when dshift alone is wanted nothing is kept.
+    ctx.only_shift = not any(ctx.needs_input_grad[i] for i in (0, 1, 2, 4))
+    if not ctx.only_shift:
+        ctx.save_for_backward(x, weight, bias, scale)
     ctx.eps = eps
 
 
 def _backward(ctx, dh):
+    if ctx.only_shift:
+        return None, None, None, dh.float().sum(dim=(1, 2)).to(dh.dtype), None, None
     x, weight, bias, scale = ctx.saved_tensors
     grads = dwconv_ln_modulate_backward_op(dh.contiguous(), x, weight, bias, scale, ctx.eps)
     return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:5])) + (None,)

@@ -285,7 +285,7 @@ def _dy_grn_stats_kernel(
 ):
     # dy stays in fp32 registers: it is recomputed by _dy_gelu_bwd_kernel rather than stored and read twice. The two
     # dy kernels write their common start out: a shared helper that loads pre moves the GELU after the load of s here,
-    # which raises ptxas's spills at the 128x128 tuning tile (456 -> 568 B, sm_90).
+    # which raises register spills at the 128x128 tuning tile (benchmarks/NOTES.md, "Compiler facts").
     row_start, row_end, row0, rows, cols, row_mask, col_mask = _gemm_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     local = tl.arange(0, BLOCK_M)
     dy = _matmul_tile(DZ + row0 * K, W2, local, row_mask, cols, col_mask, K, N, 1, DOT_FP32, BLOCK_M, BLOCK_N,
@@ -470,13 +470,17 @@ def grn_mlp_forward(h, x, gate, w1, b1, gamma, beta, w2, b2, save: bool, save_z:
 
 
 def grn_mlp_backward(g, h, gate, w1, gamma, beta, w2, pre, z, ss, s):
-    """Gradients (dh, dgate, dw1, db1, dgamma, dbeta, dw2, db2) from the saved pre, z, ss, s (docs/kernels.md)."""
-    B, H, W, C = h.shape
-    P, M = H * W, B * H * W
-    dt = h.dtype
-    g2, h2 = g.reshape(M, C), h.reshape(M, C)
+    """Gradients (dh, dgate, dw1, db1, dgamma, dbeta, dw2, db2) from the saved pre, z, ss, s (docs/kernels.md).
 
-    dz, db2, dgate = gate_backward(g2, z, gate, P)
+    h feeds only dw1 and z only dgate: either may be empty when that gradient is not wanted, and comes back zero."""
+    B, H, W, C = g.shape
+    P, M = H * W, B * H * W
+    dt = g.dtype
+    g2 = g.reshape(M, C)
+    h2 = h.reshape(M, C) if h.numel() else None
+
+    dz, db2, gate_sum = gate_backward(g2, z if z.numel() else None, gate, P)
+    dgate = gate_sum if z.numel() else torch.zeros_like(gate)
     us, a_sum = dy_grn_stats(dz, w2, pre, s, P)
     dw2 = torch.matmul(dz.t(), us)                                   # (C, M) x (M, J) -> (C, J)
     del us
@@ -506,7 +510,8 @@ def dy_grn_stats(dz, w2, pre, s, P):
 
 
 def hidden_backward(dz, w1, w2, pre, ss, s, a_sum, gamma, h2):
-    """From dz (M, C) and the GRN statistics: (dh (M, C), dw1, db1, dgamma) through GRN, GELU and pwconv1."""
+    """From dz (M, C) and the GRN statistics: (dh (M, C), dw1, db1, dgamma) through GRN, GELU and pwconv1; h2 may
+    be None when dw1 is not wanted (then it comes back zero)."""
     M, C = dz.shape
     B, J = s.shape
     P = M // B
@@ -527,12 +532,12 @@ def hidden_backward(dz, w1, w2, pre, ss, s, a_sum, gamma, h2):
         return db1.result()
     db1 = run_gelu(launch.gemm_config("dy_gelu", M, J, C, P, dt, dev, run_gelu))
     dh = torch.matmul(dpre, w1)                                      # (M, J) x (J, C) -> (M, C)
-    dw1 = torch.matmul(dpre.t(), h2)                                 # (J, M) x (M, C) -> (J, C)
+    dw1 = torch.matmul(dpre.t(), h2) if h2 is not None else torch.zeros_like(w1)  # (J, M) x (M, C) -> (J, C)
     return dh, dw1, db1.to(dt), dgamma_b.sum(0).to(dt)
 
 
 # ------------------------------------------------------------------------------------------ torch.library op + autograd
-@torch.library.custom_op("fcdm_triton::grn_mlp", mutates_args=())
+@torch.library.custom_op("fcdm::grn_mlp_triton", mutates_args=())
 def grn_mlp_op(h: torch.Tensor, x: torch.Tensor, gate: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
                gamma: torch.Tensor, beta: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, save: bool
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -549,7 +554,7 @@ def _(h, x, gate, w1, b1, gamma, beta, w2, b2, save):
             x.new_empty((B, J), dtype=torch.float32), x.new_empty((B, J), dtype=torch.float32))
 
 
-@torch.library.custom_op("fcdm_triton::grn_mlp_backward", mutates_args=())
+@torch.library.custom_op("fcdm::grn_mlp_triton_backward", mutates_args=())
 def grn_mlp_backward_op(
         g: torch.Tensor, h: torch.Tensor, gate: torch.Tensor, w1: torch.Tensor, gamma: torch.Tensor,
         beta: torch.Tensor, w2: torch.Tensor, pre: torch.Tensor, z: torch.Tensor, ss: torch.Tensor, s: torch.Tensor
@@ -562,20 +567,23 @@ def grn_mlp_backward_op(
 
 @grn_mlp_backward_op.register_fake
 def _(g, h, gate, w1, gamma, beta, w2, pre, z, ss, s):
-    return (torch.empty_like(h), torch.empty_like(gate), torch.empty_like(w1), w1.new_empty(w1.shape[:1]),
+    return (torch.empty_like(g), torch.empty_like(gate), torch.empty_like(w1), w1.new_empty(w1.shape[:1]),
             torch.empty_like(gamma), torch.empty_like(gamma), torch.empty_like(w2), w2.new_empty(w2.shape[:1]))
 
 
 def _setup_context(ctx, inputs, output):
     h, x, gate, w1, b1, gamma, beta, w2, b2, save = inputs
     _, pre, z, ss, s = output
-    ctx.save_for_backward(h, gate, w1, gamma, beta, w2, pre, z, ss, s)
+    # Only what the wanted gradients read: h feeds dw1 alone and z dgate alone (frozen weights keep neither).
+    needs = dict(zip(("h", "x", "gate", "w1"), ctx.needs_input_grad))
+    ctx.save_for_backward(h if needs["w1"] else h.new_empty(0), gate, w1, gamma, beta, w2, pre,
+                          z if needs["gate"] else z.new_empty(0), ss, s)
     ctx.saved_activations = save
 
 
 def _backward(ctx, g, *unused_grads):
     if not ctx.saved_activations:
-        raise RuntimeError("fcdm_triton::grn_mlp was called with save=False, so it cannot be differentiated")
+        raise RuntimeError("fcdm::grn_mlp_triton was called with save=False, so it cannot be differentiated")
     h, gate, w1, gamma, beta, w2, pre, z, ss, s = ctx.saved_tensors
     dh, dgate, dw1, db1, dgamma, dbeta, dw2, db2 = grn_mlp_backward_op(g.contiguous(), h, gate, w1, gamma, beta, w2,
                                                                          pre, z, ss, s)

@@ -7,8 +7,12 @@ process.
 
 Kernels run in the Triton interpreter when TRITON_INTERPRET=1 was set at import (then even CUDA tensors are
 interpreted: the interpreter copies them to the host), where the cost is per program, so the interpreter configs use
-few, large programs. The interpreter also multiplies bf16 tl.dot operands wrongly (Triton 3.9), so there the GEMM
-operands are widened to fp32 first, which is exactly what tensor cores compute (bf16 products are exact in fp32).
+few, large programs. The interpreter has multiplied bf16 tl.dot operands wrongly (benchmarks/NOTES.md), so there the
+GEMM operands are widened to fp32 first, which is exactly what tensor cores compute (bf16 products are exact in fp32).
+
+Where a default below avoids register spills, the ptxas counts behind it are in benchmarks/NOTES.md ("Compiler
+facts"), with the Triton release and date they were read under; `compile_check --fail-on-spill` rechecks every
+default on the Triton installed.
 """
 from __future__ import annotations
 
@@ -19,6 +23,9 @@ from dataclasses import dataclass
 
 import torch
 import triton
+import triton.testing  # the tuner's timer, looked up at call time (tests replace it)
+from triton.compiler.errors import CompilationError
+from triton.runtime import errors
 
 from .cast import INTERPRETED
 
@@ -89,21 +96,26 @@ def dwconv_config(channels: int, pixels: int, dtype: torch.dtype, device: torch.
     block_c = _pow2(channels)
     if interpreting(device):
         return TileConfig(min(_pow2(pixels), max(1, 16384 // block_c)), block_c, 4)
-    # 4k fp32 accumulators per program keep every FCDM width (C = 512: 8 pixels, C = 2048: 2 pixels) free of spills
-    # on sm_90 with Triton 3.6 and 3.9 on 4 warps, except fp32 inputs and C = 1024, which need 8 (with 4, ptxas
-    # spills or keeps a stack frame of 16-40 B there). `compile_check --fail-on-spill` checks every width.
+    # 4k fp32 accumulators per program (C = 512: 8 pixels, C = 2048: 2 pixels) fit in registers on 4 warps; fp32
+    # inputs and C = 1024 need 8 warps to stay free of spills.
     block_p = max(1, min(_pow2(pixels), 4096 // block_c))
     return TileConfig(block_p, block_c, 8 if dtype == torch.float32 or block_c == 1024 else 4)
 
 
 def dwconv_norm_config(channels: int, pixels: int, dtype: torch.dtype, device: torch.device) -> TileConfig:
     """Norm-backward of dwconv_ln_modulate: dwconv_config's tile, halved for fp32, whose three per-program gradient
-    sums (kept in registers across tiles) otherwise spill 24-32 B at C = 512 and 1024 on sm_90 (Triton 3.9). A
-    program covers several tiles, so the smaller tile costs no partial-sum memory."""
+    sums (kept in registers across tiles) otherwise spill at C = 512 and 1024. A program covers several tiles, so the
+    smaller tile costs no partial-sum memory."""
     cfg = dwconv_config(channels, pixels, dtype, device)
-    if dtype == torch.float32 and not interpreting(device):
-        return TileConfig(max(1, cfg.block_p // 2), cfg.block_c, cfg.num_warps)
-    return cfg
+    if interpreting(device):
+        return cfg
+    if dtype == torch.float32:
+        block_p = max(1, cfg.block_p // 2)
+        # A one-pixel tile (C = 2048) on 8 warps gets too few registers per thread and spills; on 4 warps it does not.
+        return TileConfig(block_p, cfg.block_c, 4 if block_p == 1 else cfg.num_warps)
+    # From 512 channels on, 8 warps spread the per-channel sums thinly enough that no compiler release we check
+    # spills them (benchmarks/NOTES.md); the narrow FCDM-T level keeps the forward's warps.
+    return TileConfig(cfg.block_p, cfg.block_c, 8 if cfg.block_c >= 512 else cfg.num_warps)
 
 
 def dwconv_grad_config(channels: int, pixels: int, dtype: torch.dtype, device: torch.device) -> TileConfig:
@@ -113,7 +125,7 @@ def dwconv_grad_config(channels: int, pixels: int, dtype: torch.dtype, device: t
         block_c = _pow2(channels)
         return TileConfig(min(_pow2(pixels), max(1, 16384 // block_c)), block_c, 4)
     block_c = min(_pow2(channels), 64)
-    # fp32 tiles take twice the registers of bf16 ones: 128 x 64 spills 584 B on sm_90 (ptxas), 64 x 64 none.
+    # fp32 tiles take twice the registers of bf16 ones: 128 x 64 spills, 64 x 64 does not.
     elements = 4096 if dtype == torch.float32 else 8192
     return TileConfig(min(_pow2(pixels), elements // block_c), block_c, 8)
 
@@ -199,15 +211,14 @@ def gemm_candidates(op: str, n: int, dtype: torch.dtype) -> list[GemmConfig]:
     """A small H100 candidate set, the untuned default first; fp32 (IEEE FMA, no tensor cores) gets smaller tiles.
 
     The dy GEMMs carry a heavy epilogue (the saved pre-activation and two per-sample tables as fp32 tiles), so their
-    default is 128 x 64: at 128 x 128 ptxas spills 456 B (dy_stats) and 1136 B (dy_gelu) in bf16 on sm_90, at
-    128 x 64 none. 128 x 128 stays a candidate for the tuner to time. `compile_check --fail-on-spill` checks every
-    default."""
+    default is 128 x 64, which keeps them in registers where 128 x 128 spills. 128 x 128 stays a candidate for the
+    tuner to time."""
     if dtype == torch.float32:
         return [GemmConfig(64, 64, 32, num_warps=4, num_stages=3), GemmConfig(128, 64, 32, num_warps=8, num_stages=3)]
     if op.startswith("dy"):
         cands = [GemmConfig(128, 64, 64, num_warps=8, num_stages=3), GemmConfig(64, 64, 64, num_warps=4, num_stages=4),
                  GemmConfig(128, 128, 64, num_warps=8, num_stages=3)]
-        if dtype == torch.float16:  # fp16's epilogue converts differently: 128 x 64 spills 16 B there, this none
+        if dtype == torch.float16:  # fp16's epilogue converts differently: 128 x 64 spills there, 64 x 64 does not
             cands.insert(0, GemmConfig(64, 64, 64, num_warps=8, num_stages=3))
     else:
         cands = [GemmConfig(128, 128, 64, num_warps=8, num_stages=3),
@@ -232,8 +243,6 @@ def _config_does_not_fit() -> tuple[type, ...]:
     """Triton's errors for "this config cannot run on this GPU": too much shared memory or too many threads
     (OutOfResources), and compile or ptxas failures. Anything else (out of memory, a CUDA error, a broken capture) is
     not the config's fault and must reach the caller."""
-    from triton.compiler.errors import CompilationError
-    from triton.runtime import errors
     return tuple(e for e in (errors.OutOfResources, CompilationError, getattr(errors, "PTXASError", None)) if e)
 
 
@@ -290,11 +299,10 @@ def gemm_config(op: str, m: int, n: int, k: int, pixels: int, dtype: torch.dtype
         return cands[0]
     if capturing(device):
         return cands[0]  # a later call outside the capture still tunes this key
-    from triton.testing import do_bench
     times, skipped = [], []
     for cfg in cands:
         try:
-            times.append((do_bench(lambda: run(cfg), warmup=5, rep=20), cfg))
+            times.append((triton.testing.do_bench(lambda: run(cfg), warmup=5, rep=20), cfg))
         except CONFIG_DOES_NOT_FIT as e:
             skipped.append(f"{cfg}: {type(e).__name__}: {e}")
     if not times:

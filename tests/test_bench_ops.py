@@ -1,7 +1,8 @@
-"""pytest-benchmark versions of the op microbenchmarks (CUDA only):
+"""pytest-benchmark versions of the op microbenchmarks (CUDA only). A run over tests/ leaves them out unless
+--benchmark-only is given (tests/conftest.py), so neither an ordinary run nor gpu_check's pytest stage times them:
 
-    pytest benchmarks/ --benchmark-only --benchmark-group-by=group
-    pytest benchmarks/ --benchmark-only -k "block and 256px-L1 and bf16"
+    pytest tests/test_bench_ops.py --benchmark-only --benchmark-group-by=group
+    pytest tests/test_bench_ops.py --benchmark-only -k "block and 256px-L1 and bf16"
 
 Inputs come from benchmarks.providers, like `python -m benchmarks.ops`; each test is one (op, mode, case, dtype,
 provider), grouped so providers of one case sit side by side, with the ideal bytes and FLOPs in extra_info

@@ -1,4 +1,4 @@
-"""Fixed-step samplers for flow matching, integrating from noise (t = t0) to data (t = t1).
+"""Fixed-step ODE and SDE solvers that sample flow matching, integrating from noise (t = t0) to data (t = t1).
 
 Each returns (x, nfe) where nfe counts model evaluations per sample trajectory:
 Euler ODE `steps`, Heun ODE `2 * steps`, Euler-Maruyama SDE `steps` (SiT's count: steps - 1 stochastic steps on
@@ -10,6 +10,7 @@ import math
 from typing import Callable
 
 import torch
+from tqdm.auto import tqdm
 
 from ..diffusion.noise import GeneratorLike, gaussian_noise
 from .transport import FlowMatching
@@ -20,7 +21,6 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, t) -> raw
 def _progress(iterable, enabled: bool):
     if not enabled:
         return iterable
-    from tqdm.auto import tqdm
     return tqdm(iterable, leave=False)
 
 

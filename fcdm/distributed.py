@@ -1,8 +1,14 @@
-"""Process-group setup that works the same under torchrun, on one GPU, and as a plain `python` process.
+"""Process-group set-up that works the same under torchrun, on one GPU, and as a plain `python` process.
+
+    info = distributed.init("auto")          # join torchrun's job, or be a single process; pick this rank's device
+    distributed.print0(f"{info.world_size} process(es) on {info.device}")
+    ...
+    distributed.cleanup()
 
 torchrun sets RANK / WORLD_SIZE / LOCAL_RANK (and MASTER_ADDR / MASTER_PORT); without them we are a single process
 and create no process group at all unless one is required (FSDP needs a device mesh even on one rank). nccl is used
-on CUDA, gloo on CPU.
+on CUDA, gloo on CPU. Every collective below is the identity on a single process, so callers need no rank checks.
+Used by the trainer, sampling and latent extraction alike.
 """
 from __future__ import annotations
 
@@ -70,10 +76,12 @@ def init(device: str = "auto", require_group: bool = False, timeout_minutes: flo
 
 
 def info() -> DistInfo:
+    """What the last init() found (a single CPU process before any init)."""
     return _info
 
 
 def is_distributed() -> bool:
+    """True inside a process group of more than one rank."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
@@ -92,13 +100,6 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach().clone()
-    if is_distributed():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t
-
-
 def all_gather_object(obj) -> list:
     """Every rank's obj, in rank order."""
     if not is_distributed():
@@ -109,6 +110,7 @@ def all_gather_object(obj) -> list:
 
 
 def broadcast_object(obj, src: int = 0):
+    """Rank src's obj, on every rank (any picklable object)."""
     if not is_distributed():
         return obj
     box = [obj]
@@ -117,10 +119,12 @@ def broadcast_object(obj, src: int = 0):
 
 
 def barrier() -> None:
+    """Wait for every rank."""
     if is_distributed():
         dist.barrier()
 
 
 def cleanup() -> None:
+    """Leave the process group, if init() joined one."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

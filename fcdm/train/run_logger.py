@@ -1,4 +1,5 @@
-"""Run output on rank 0: a tqdm bar, log.txt, metrics.jsonl, and TensorBoard when it is installed."""
+"""Run output on rank 0: a tqdm bar, log.txt, metrics.jsonl, and TensorBoard when it is installed; and the running
+loss and throughput between two log lines."""
 from __future__ import annotations
 
 import json
@@ -24,7 +25,7 @@ class RunLogger:
         self._log = open(os.path.join(run_dir, "log.txt"), "a", buffering=1)
         # On resume, lines for steps after the checkpoint may repeat; the later line for a step wins.
         self._metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
-        try:
+        try:  # tensorboard is optional: imported only here
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
         except ImportError:
@@ -49,6 +50,11 @@ class RunLogger:
                 if isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, step)
 
+    def resume_at(self, step: int) -> None:
+        """Start the bar at `step` (a resumed run)."""
+        if self.bar is not None:
+            self.bar.n = step
+
     def advance(self, n: int = 1, postfix: dict | None = None) -> None:
         if self.bar is not None:
             self.bar.update(n)
@@ -64,3 +70,24 @@ class RunLogger:
             self.tb.close()
         self._log.close()
         self._metrics.close()
+
+
+class ProgressWindow:
+    """Mean loss and throughput over the steps since the last log line. Non-finite (skipped) steps count in neither."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss, self.steps, self.start = 0.0, 0, time.time()
+
+    def add(self, loss: float) -> None:
+        if math.isfinite(loss):
+            self.loss += loss
+            self.steps += 1
+
+    def summary(self, images_per_step: int) -> dict:
+        """{loss, steps_per_s, img_per_s} of the window (the loss mean over at least one step)."""
+        seconds = time.time() - self.start
+        steps = max(self.steps, 1)
+        return {"loss": self.loss / steps, "steps_per_s": steps / seconds, "img_per_s": steps * images_per_step / seconds}

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from fcdm.data.procedural import NUM_CLASSES, ProceduralShapes
 from fcdm.eval.metrics import feature_statistics
+from fcdm.sampling import generate
 
 CLASSIFIER_VERSION = 3
 _HELD_OUT_SEED = 1_000_003  # real reference images come from a seed the generator never trained on
@@ -117,8 +118,6 @@ class DemoQuality:
 
     @torch.no_grad()
     def __call__(self, model) -> dict:
-        from fcdm.sampling import generate
-
         labels = torch.arange(self.num_samples) % NUM_CLASSES
         gen = torch.Generator(self.device).manual_seed(self.seed + 12345)
         samples = [generate(model, self.objective, y.to(self.device), shape=(3, self.image_size, self.image_size),
