@@ -70,7 +70,8 @@ def test_image_folder_errors_name_the_flag(tmp_path):
 
 
 def test_image_folder_trains_in_pixel_space(tmp_path, image_folder):
-    state, run_dir = run_train(tmp_path, "--data-path", image_folder, "--image-size", "16", "--max-train-steps", "3")
+    state, run_dir = run_train(tmp_path, "--data-path", image_folder, "--vae", "none", "--image-size", "16",
+                               "--max-train-steps", "3")
     ckpt = final_checkpoint(run_dir)
     assert state.step == 3 and ckpt["args"]["num_classes"] == 3 and ckpt["args"]["input_size"] == 16
 
