@@ -47,7 +47,8 @@ def build_vae(args, device):
     try:
         vae = load_vae(args.vae, device)
     except (ValueError, ImportError) as err:  # no network, no cache, no diffusers: say what to do instead
-        raise ValueError(f"--vae: cannot load the VAE {args.vae!r} ({err}). Either pass a local copy, --vae <local "
+        why = str(err).rstrip(".") if isinstance(err, ValueError) else f"cannot load the VAE {args.vae!r}: {err}"
+        raise ValueError(f"--vae: {why}. Either pass a local copy, --vae <local "
                          f"dir> (a diffusers AutoencoderKL directory, e.g. saved once where there is network with "
                          f"AutoencoderKL.from_pretrained({args.vae!r}).save_pretrained(DIR)), or train in pixel "
                          f"space with --vae none") from err

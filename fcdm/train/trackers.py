@@ -34,7 +34,7 @@ class WandbTracker:
         self.wandb = wandb
         self.run = wandb.init(project=args.wandb_project, entity=args.wandb_entity,
                               name=args.wandb_run_name or os.path.basename(os.path.abspath(run_dir)),
-                              id=run_id or wandb.util.generate_id(), resume="allow", dir=run_dir,
+                              id=run_id, resume="allow", dir=run_dir,
                               config={k: v for k, v in vars(args).items() if _plain(v)})
         self.run_id = self.run.id
 
