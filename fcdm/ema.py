@@ -89,8 +89,18 @@ def solve_coefficients(steps, gammas, target_step: int, target_gamma: float) -> 
 
 
 # ---- tracking during training --------------------------------------------------------------------------------------
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 (DTensor) parameter, or the tensor itself: EMA updates are elementwise."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _state_dict(module: nn.Module) -> dict:
+    return module.state_dict()
+
+
 class PowerEMA:
-    """fp32 power-function EMAs of a model, one per sigma_rel, updated after every optimiser step."""
+    """fp32 power-function EMAs of a model, one per sigma_rel, updated after every optimiser step. Under FSDP2 the
+    trainer shards `modules` like the model; `state_of` / `load` then gather and scatter full state dicts."""
 
     def __init__(self, model: nn.Module, sigma_rels):
         self.sigma_rels = [float(s) for s in sigma_rels]
@@ -100,30 +110,35 @@ class PowerEMA:
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
         """Fold in the weights after optimiser step `step` (counted from 1)."""
-        params = [p.detach().float() for p in model.parameters()]
+        params = [local_tensor(p).detach().float() for p in model.parameters()]
         for gamma, module in zip(self.gammas, self.modules):
-            torch._foreach_lerp_(list(module.parameters()), params, 1.0 - power_beta(gamma, step))
+            mine = [local_tensor(p) for p in module.parameters()]
+            torch._foreach_lerp_(mine, params, 1.0 - power_beta(gamma, step))
             for e, b in zip(module.buffers(), model.buffers()):
                 e.copy_(b)
 
-    def state_dict(self) -> dict:
-        return {"sigma_rels": list(self.sigma_rels), "modules": [m.state_dict() for m in self.modules]}
+    def state_dict(self, state_of=_state_dict) -> dict:
+        return {"sigma_rels": list(self.sigma_rels), "modules": [state_of(m) for m in self.modules]}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, load=nn.Module.load_state_dict) -> None:
         if [float(s) for s in state["sigma_rels"]] != self.sigma_rels:
             raise ValueError(f"the checkpoint tracks post-hoc EMAs with sigma_rel {state['sigma_rels']}, this run "
                              f"asks for {self.sigma_rels} (--posthoc-ema-sigma-rels)")
         for module, sd in zip(self.modules, state["modules"]):
-            module.load_state_dict(sd)
+            load(module, sd)
 
-    def save_snapshots(self, directory: str, step: int, args: dict, dtype: torch.dtype = torch.float16) -> list[str]:
-        """Write one snapshot file per profile for optimiser step `step`; returns their paths."""
+    def save_snapshots(self, directory: str, step: int, args: dict, dtype: torch.dtype = torch.float16,
+                       state_of=_state_dict, write: bool = True) -> list[str]:
+        """Write one snapshot file per profile for optimiser step `step` (when `write`: under FSDP every rank
+        gathers, one writes); returns their paths."""
         os.makedirs(directory, exist_ok=True)
         paths = []
         for sigma_rel, gamma, module in zip(self.sigma_rels, self.gammas, self.modules):
             path = os.path.join(directory, snapshot_name(step, sigma_rel))
             weights = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype)
-                       for k, v in module.state_dict().items()}
+                       for k, v in state_of(module).items()}
+            if not write:
+                continue
             atomic_torch_save({"ema": weights, "step": step, "sigma_rel": sigma_rel, "gamma": gamma, "args": args,
                                "format": SNAPSHOT_FORMAT}, path)
             paths.append(path)

@@ -94,3 +94,18 @@ def test_two_processes_started_with_slurm_variables_train_like_torchrun(tmp_path
     ckpt = final_checkpoint(run_dir)
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
     _assert_same_training(ckpt, read_metrics(run_dir), *single_process)
+
+
+def test_two_process_fsdp2_posthoc_ema_snapshots_equal_one_process(tmp_path):
+    """The power-function EMAs are sharded like the model; their snapshots gather the full weights."""
+    from fcdm.ema import list_snapshots
+    posthoc = ["--posthoc-ema", "--posthoc-ema-every", "2", "--posthoc-ema-dtype", "fp32"]
+    _, run_dir = run_train(tmp_path / "single", *SAME, *posthoc)
+    _torchrun(tmp_path / "fsdp", "--fsdp", *posthoc)
+    single, sharded = list_snapshots(run_dir), list_snapshots(os.path.join(tmp_path, "fsdp", "run"))
+    assert [s[:2] for s in single] == [s[:2] for s in sharded] and len(single) == 4
+    for (_, _, a), (_, _, b) in zip(single, sharded):
+        a, b = torch.load(a, weights_only=True)["ema"], torch.load(b, weights_only=True)["ema"]
+        assert a.keys() == b.keys()
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=2e-6, msg=name)

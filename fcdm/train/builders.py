@@ -69,11 +69,11 @@ def build_model(args) -> torch.nn.Module:
     return model
 
 
-def wrap_model(model, ema, args, world_size: int, device: torch.device) -> torch.nn.Module:
-    """What the forward runs: DDP, FSDP2 (which shards `model` and the EMA in place) or the model itself (a single
-    process needs no wrapper), then optionally torch.compile."""
+def wrap_model(model, averages: list, args, world_size: int, device: torch.device) -> torch.nn.Module:
+    """What the forward runs: DDP, FSDP2 (which shards `model` and its weight averages, the EMA copies, in place) or
+    the model itself (a single process needs no wrapper), then optionally torch.compile."""
     if args.fsdp:
-        for module in (model, ema.module):
+        for module in (model, *averages):
             for block in module.all_blocks():
                 fully_shard(block)
             fully_shard(module)

@@ -255,8 +255,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.hidden_size = args.hidden_size or hidden
     args.depth = list(args.depth or depth)
     args.learn_sigma = args.objective == "ddpm"
-    if args.posthoc_ema and args.fsdp:
-        p.error("--posthoc-ema does not support --fsdp yet (the power-function EMAs are not sharded); use DDP")
     if args.posthoc_ema and not all(s < MAX_SIGMA_REL for s in args.posthoc_ema_sigma_rels):
         p.error(f"--posthoc-ema-sigma-rels must be below {MAX_SIGMA_REL:.4f}, got {args.posthoc_ema_sigma_rels}")
     if args.global_batch_size % args.grad_accum:

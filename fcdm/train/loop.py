@@ -120,7 +120,8 @@ def setup(args) -> Run:
     found = resume.find_resume_checkpoint(args, os.path.join(run_dir, "checkpoints"), log.info)
     if found is not None and found[1].get("format") == resume.FORMAT:
         resume.check_compatible(found[1]["args"], vars(args), found[0])
-    wrapped = wrap_model(model, ema, args, info.world_size, info.device)
+    wrapped = wrap_model(model, [ema.module, *(posthoc.modules if posthoc else [])], args, info.world_size,
+                         info.device)
     opt = build_training_optimizer(model, args, info.device)
     run = Run(args, info, run_dir, log, dataset, vae, objective, model, wrapped, ema, opt,
               torch.bfloat16 if use_bf16 else None, micro_batch, steps, posthoc=posthoc)
@@ -307,11 +308,13 @@ def finish(run: Run, session_start: float, session_step0: int) -> None:
 
 
 def save_posthoc_snapshots(run: Run) -> None:
-    """posthoc_ema/<step>-sigma<sigma_rel>.pt: one snapshot per tracked EMA profile (rank 0 writes)."""
-    if run.info.is_main:
+    """posthoc_ema/<step>-sigma<sigma_rel>.pt: one snapshot per tracked EMA profile (rank 0 writes; under FSDP every
+    rank gathers the shards)."""
+    if run.info.is_main or run.args.fsdp:
         dtype = torch.float16 if run.args.posthoc_ema_dtype == "fp16" else torch.float32
         paths = run.posthoc.save_snapshots(os.path.join(run.run_dir, SNAPSHOT_DIR), run.state.step,
-                                           dict(vars(run.args)), dtype)
+                                           dict(vars(run.args)), dtype, resume.full_state_of(run.args),
+                                           write=run.info.is_main)
         run.log.info(f"saved {len(paths)} post-hoc EMA snapshots at step {run.state.step}")
 
 

@@ -136,7 +136,7 @@ def training_payload(model, ema, opt, args, state: TrainState, posthoc=None) -> 
                "train_state": state.to_dict(), "rng": rng, "world_size": distributed.info().world_size,
                "format": FORMAT}
     if posthoc is not None:  # the power-function EMAs, so that a resumed run continues their profiles exactly
-        payload["posthoc_ema"] = posthoc.state_dict()
+        payload["posthoc_ema"] = posthoc.state_dict(full_state_of(args))
     return payload
 
 
@@ -161,7 +161,7 @@ def restore(ckpt: dict, model, ema, opt, state: TrainState, args, log, posthoc=N
         if "opt" in ckpt:
             opt.load_state_dict(ckpt["opt"])
     if posthoc is not None:
-        restore_posthoc(posthoc, ckpt, model, log)
+        restore_posthoc(posthoc, ckpt, args, log)
     if ckpt.get("format") != FORMAT:
         log("loaded weights and optimiser from an official checkpoint; step and data position start at 0")
         return
@@ -176,12 +176,27 @@ def restore(ckpt: dict, model, ema, opt, state: TrainState, args, log, posthoc=N
             f"restored; data order and per-step noise are unaffected")
 
 
-def restore_posthoc(posthoc, ckpt: dict, model, log) -> None:
+def full_state_of(args):
+    """module -> its full (unsharded) state dict, on the CPU under FSDP: a collective there, as every rank calls it."""
+    if not args.fsdp:
+        return lambda module: module.state_dict()
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return lambda module: get_model_state_dict(module, options=full)
+
+
+def load_full_state(args):
+    """(module, full state dict) -> loaded, sharding it under FSDP."""
+    if not args.fsdp:
+        return lambda module, sd: module.load_state_dict(sd)
+    return lambda module, sd: set_model_state_dict(module, sd, options=StateDictOptions(full_state_dict=True))
+
+
+def restore_posthoc(posthoc, ckpt: dict, args, log) -> None:
     if "posthoc_ema" in ckpt:
-        posthoc.load_state_dict(ckpt["posthoc_ema"])
+        posthoc.load_state_dict(ckpt["posthoc_ema"], load_full_state(args))
         return
     for module in posthoc.modules:  # their profiles start here (a power-function EMA forgets its start anyway)
-        module.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+        load_full_state(args)(module, {k: v.float() for k, v in ckpt["model"].items()})
     log("the checkpoint has no post-hoc EMA state: the power-function EMAs start from its weights")
 
 
