@@ -103,7 +103,8 @@ class LatentStore(Dataset):
         index, sample_seed = key if isinstance(key, tuple) else (key, None)
         mean, std, label = self.posterior(index)
         rng = np.random.default_rng(sample_seed)
-        flip = int(rng.integers(2)) if self.flip else rng.integers(2) * 0  # same draws either way
+        drawn = int(rng.integers(2))  # drawn either way, so that the noise below does not depend on self.flip
+        flip = drawn if self.flip else 0
         eps = rng.standard_normal(mean.shape[1:], dtype=np.float32)
         z = (mean[flip] + std[flip] * eps) * self.scaling_factor  # (C, H, W)
         return torch.from_numpy(z), torch.tensor(label, dtype=torch.long)
