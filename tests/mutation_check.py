@@ -152,7 +152,7 @@ MUTATIONS = [
              "--keep-every milestones are deleted like any other checkpoint"),
     Mutation("slurm-rank-ignored", "fcdm/distributed.py",
              'return int(environ["SLURM_PROCID"]), int(tasks), int(environ.get("SLURM_LOCALID", 0)), "slurm"',
-             'return 0, 1, 0, "single"',
+             'return 0, 1, 0, "single"  # SLURM ignored',
              ("tests/test_slurm.py::test_placement_prefers_torchrun_then_slurm_then_a_single_process",),
              "srun's tasks each start as a single rank-0 process"),
 ]
