@@ -12,6 +12,8 @@ import shutil
 import signal
 import subprocess
 
+from fcdm import distributed
+
 from .state import TrainState
 
 
@@ -71,10 +73,11 @@ class StopRequest:
 
 
 def requeue_on_slurm(signal_name: str | None, enabled: bool, log) -> bool:
-    """After a stop on SIGUSR1 inside a SLURM job: `scontrol requeue $SLURM_JOB_ID`, so the job starts again (and
-    --resume auto continues it). Returns whether the job was requeued."""
+    """After a stop on SIGUSR1 (to any rank) inside a SLURM job: `scontrol requeue $SLURM_JOB_ID`, so the job starts
+    again (and --resume auto continues it). Every rank calls it; `enabled` on one. Returns whether it requeued."""
+    names = distributed.all_gather_object(signal_name)  # the stop is shared, the signal need not have reached rank 0
     job = os.environ.get("SLURM_JOB_ID")
-    if not (enabled and signal_name == "SIGUSR1" and job):
+    if not (enabled and "SIGUSR1" in names and job):
         return False
     scontrol = shutil.which("scontrol")
     if scontrol is None:
