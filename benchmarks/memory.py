@@ -34,6 +34,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fcdm.models import FCDM_CONFIGS, FCDM_models
+from fcdm.optim import use_fused_adamw
 from fcdm_kernels import dispatch
 
 from . import common
@@ -122,7 +123,8 @@ def predict_train_step(variant: str, model_name: str, batch: int, res: int, grad
     with FakeTensorMode(), (_fused_ops_on_fake_cpu() if fused else contextlib.nullcontext()):
         built = build_variant(variant, model_name, dit, res // 8, cpu, "blocks", grad_checkpointing,
                               fused_backend="triton" if fused else None)
-        step = make_train_step(built.model, batch, res // 8, cpu, precision, fused_optimizer=True)
+        # The step predicted is a CUDA one: the trainer's optimiser as fcdm.optim builds it there (fused AdamW).
+        step = make_train_step(built.model, batch, res // 8, cpu, precision, fused_optimizer=use_fused_adamw("cuda"))
         tracker = _mem_tracker()
         tracker.track_external(built.model, step.optimizer, *step.ema.shadow)
         traffic = CopyTraffic()

@@ -40,6 +40,7 @@ from fcdm.models import FCDM_CONFIGS, FCDM_models
 from fcdm.models.fcdm import ConvNeXtBlock
 from fcdm.models.flops import count_macs
 from fcdm.models.official_layout import NCHWBlock, NCHWFCDM
+from fcdm.optim import PAPER_LR, PAPER_WEIGHT_DECAY, build_optimizer
 from fcdm_kernels import dispatch, use_backend
 
 from . import common, roofline
@@ -166,8 +167,7 @@ def make_train_step(model: nn.Module, batch: int, latent: int, device, precision
     alpha_bar = torch.cumprod(1 - betas, 0)[t].float().view(-1, 1, 1, 1)
     x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise  # the eps-prediction objective's input
     params = [p for p in model.parameters() if p.requires_grad]
-    fused = device.type == "cuda" if fused_optimizer is None else fused_optimizer
-    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=fused)
+    opt = build_optimizer(params, PAPER_LR, PAPER_WEIGHT_DECAY, device, fused=fused_optimizer)  # the trainer's
     ema = FP32EMA(params)
     model.train()
 

@@ -138,6 +138,23 @@ MUTATIONS = [
              "g = torch.Generator().manual_seed(self.seed * 1_000_003)",
              ("tests/test_train_semantics.py::test_every_epoch_visits_each_item_once_in_a_new_order",),
              "the data order is not reshuffled between epochs"),
+    Mutation("power-ema-beta-exponent", "fcdm/ema.py",
+             "return (1.0 - 1.0 / step) ** (gamma + 1.0)", "return (1.0 - 1.0 / step) ** gamma",
+             ("tests/test_posthoc_ema.py::test_power_ema_tracks_the_direct_weighted_sum",),
+             "the power-function EMA decays with exponent gamma instead of gamma + 1 (the wrong profile)"),
+    Mutation("posthoc-coefficients-unnormalised", "fcdm/ema.py",
+             "    return x / x.sum()", "    return x * 1.0  # unnormalised",
+             ("tests/test_posthoc_ema.py::test_reconstruction_matches_a_direct_ema_with_that_profile",),
+             "the least-squares coefficients are not scaled to sum to one"),
+    Mutation("milestones-pruned", "fcdm/train/resume.py",
+             "return keep_every > 0 and step % keep_every == 0", "return False",
+             ("tests/test_train_recipe.py::test_keep_every_keeps_milestones_and_keep_last_counts_the_others",),
+             "--keep-every milestones are deleted like any other checkpoint"),
+    Mutation("slurm-rank-ignored", "fcdm/distributed.py",
+             'return int(environ["SLURM_PROCID"]), int(tasks), int(environ.get("SLURM_LOCALID", 0)), "slurm"',
+             'return 0, 1, 0, "single"  # SLURM ignored',
+             ("tests/test_slurm.py::test_placement_prefers_torchrun_then_slurm_then_a_single_process",),
+             "srun's tasks each start as a single rank-0 process"),
 ]
 
 

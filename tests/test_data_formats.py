@@ -70,7 +70,8 @@ def test_image_folder_errors_name_the_flag(tmp_path):
 
 
 def test_image_folder_trains_in_pixel_space(tmp_path, image_folder):
-    state, run_dir = run_train(tmp_path, "--data-path", image_folder, "--image-size", "16", "--max-train-steps", "3")
+    state, run_dir = run_train(tmp_path, "--data-path", image_folder, "--vae", "none", "--image-size", "16",
+                               "--max-train-steps", "3")
     ckpt = final_checkpoint(run_dir)
     assert state.step == 3 and ckpt["args"]["num_classes"] == 3 and ckpt["args"]["input_size"] == 16
 
@@ -165,3 +166,59 @@ def test_extract_under_torchrun_matches_one_process(tmp_path, latent_store, imag
     assert len(two) == 12 and len(two.index["shards"]) == 2
     rows = lambda s: sorted((s.posterior(i)[2], s.posterior(i)[0].sum().round(2)) for i in range(len(s)))
     assert rows(one) == rows(two)
+
+
+def test_no_random_flip_keeps_images_and_latents_as_stored(image_folder, latent_store):
+    ds = ImageFolderDataset(str(image_folder), 16, flip=False)
+    plain = torch.from_numpy(ds.load(5).astype(np.float32)).permute(2, 0, 1) / 127.5 - 1
+    assert all(torch.equal(ds[(5, (0, 0, s))][0], plain) for s in range(20))
+    store = LatentStore(latent_store, flip=False)
+    mean, std, _ = store.posterior(0)
+    draws = torch.stack([store[(0, (0, 0, s))][0] for s in range(50)]) / store.scaling_factor
+    unflipped = ((draws - torch.from_numpy(mean[0])) / torch.from_numpy(std[0])).square().mean((1, 2, 3))
+    assert ((unflipped > 0.6) & (unflipped < 1.5)).all()   # every draw comes from the image as stored
+    flipping = LatentStore(latent_store)                    # the same seeds draw the same noise, some mirrored
+    assert any(not torch.equal(flipping[(0, (0, 0, s))][0], store[(0, (0, 0, s))][0]) for s in range(20))
+
+
+def test_extract_takes_dit_vae_spellings(image_folder, tmp_path, capsys):
+    args = extract.parse_args(["--data-path", str(image_folder), "--output", str(tmp_path / "o"), "--vae", "mse"])
+    assert args.vae == "stabilityai/sd-vae-ft-mse"
+    assert extract.parse_args(["--data-path", str(image_folder), "--output", str(tmp_path / "o")]).vae == \
+        "stabilityai/sd-vae-ft-ema"
+    with pytest.raises(SystemExit):
+        extract.parse_args(["--data-path", str(image_folder), "--output", str(tmp_path / "o"), "--vae", "none"])
+    assert "--vae none: a latent store needs a VAE" in capsys.readouterr().err
+
+
+def test_interrupted_extraction_resumes_shard_by_shard(tmp_path, image_folder, tiny_vae, latent_store, monkeypatch):
+    out = tmp_path / "store"
+    argv = ["--data-path", str(image_folder), "--output", str(out), "--vae", tiny_vae, "--image-size", "16",
+            "--batch-size", "3", "--shard-size", "4", "--num-workers", "0", "--vae-scaling-factor", "0.5",
+            "--device", "cpu"]
+    written, real_write = [], extract.write_shard
+
+    def write_then_die(root, prefix, *arrays):
+        if len(written) == 2:
+            raise KeyboardInterrupt  # the job is killed while encoding the third shard
+        written.append(prefix)
+        return real_write(root, prefix, *arrays)
+    monkeypatch.setattr(extract, "write_shard", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        extract.main(argv)
+    assert not (out / "index.json").exists() and written == ["r000_s00000", "r000_s00001"]
+    with pytest.raises(SystemExit, match=r"image_size: 16 in the store vs 8 now"):
+        extract.main([*argv[:7], "8", *argv[8:]])   # other settings: refused, naming the one that differs
+    with pytest.raises(SystemExit, match=r"vae_scaling_factor: 0.5 in the store vs 0.18215 now"):
+        extract.main(argv[:-4] + ["--device", "cpu"])
+    monkeypatch.setattr(extract, "write_shard", lambda root, prefix, *a: (written.append(prefix),
+                                                                          real_write(root, prefix, *a))[1])
+    extract.main(argv)                                # the same command: only the missing shard is encoded
+    assert written == ["r000_s00000", "r000_s00001", "r000_s00002"]
+    resumed, straight = LatentStore(str(out)), LatentStore(latent_store)
+    assert resumed.index["shards"] == straight.index["shards"] and len(resumed) == 12
+    for i in range(12):
+        a, b = resumed.posterior(i), straight.posterior(i)
+        # Another batch size than the fixture's (batch size is not a setting): equal up to fp16 storage rounding.
+        np.testing.assert_allclose(a[0], b[0], atol=2e-3), np.testing.assert_allclose(a[1], b[1], atol=2e-3)
+        assert a[2] == b[2]

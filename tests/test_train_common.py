@@ -54,6 +54,30 @@ def run_script(args, timeout=180, env_extra=None, torchrun_procs=None):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
 
 
+def slow_loader_path(tmp_path) -> str:
+    """A PYTHONPATH entry whose sitecustomize slows the procedural data down (a sleep per item), so that a signal
+    sent to a training subprocess lands mid-run."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(
+        "import time, fcdm.data.procedural as p\n"
+        "_get = p.ProceduralShapes.__getitem__\n"
+        "p.ProceduralShapes.__getitem__ = lambda self, key: (time.sleep(0.05), _get(self, key))[1]\n")
+    return str(shim)
+
+
+def signal_mid_run(cmd, env, sig, timeout=120) -> tuple[subprocess.Popen, str]:
+    """Start a training command, send `sig` once step 2 is logged; returns (finished process, its output)."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    log = []
+    for line in proc.stdout:  # wait until training is under way
+        log.append(line)
+        if line.startswith("step 0000002"):
+            proc.send_signal(sig)
+            break
+    return proc, "".join(log) + proc.communicate(timeout=timeout)[0]
+
+
 def assert_state_dicts_equal(a: dict, b: dict, what: str):
     assert a.keys() == b.keys()
     for k in a:

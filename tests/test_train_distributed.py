@@ -68,3 +68,44 @@ def test_global_batch_that_does_not_split_is_refused_with_advice(tmp_path, monke
     monkeypatch.setattr(loop.distributed, "init", lambda *a, **k: DistInfo(0, 3, 0, torch.device("cpu")))
     with pytest.raises(ValueError, match="does not split evenly over 3 processes .* use a multiple of 3"):
         run_train(tmp_path, "--global-batch-size", "8")
+
+
+def test_two_processes_started_with_slurm_variables_train_like_torchrun(tmp_path, single_process):
+    """What `srun --ntasks=2 python train.py` gives each task: SLURM's variables and no torchrun ones. The result
+    equals one process, as torchrun's does (test_two_process_ddp_equals_one_process)."""
+    import socket
+    import subprocess
+    import sys
+    from .test_train_common import REPO
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    base.update(OMP_NUM_THREADS="1", SLURM_NTASKS="2", SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID="1",
+                MASTER_PORT=str(port))
+    cmd = [sys.executable, os.path.join(REPO, "train.py"), *TINY, "--results-dir", str(tmp_path), "--run-name",
+           "run", *SAME]
+    procs = [subprocess.Popen(cmd, env={**base, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)}, cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    assert "world size 2" in outs[0] and "DDP" in outs[0]
+    run_dir = os.path.join(tmp_path, "run")
+    ckpt = final_checkpoint(run_dir)
+    assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
+    _assert_same_training(ckpt, read_metrics(run_dir), *single_process)
+
+
+def test_two_process_fsdp2_posthoc_ema_snapshots_equal_one_process(tmp_path):
+    """The power-function EMAs are sharded like the model; their snapshots gather the full weights."""
+    from fcdm.ema import list_snapshots
+    posthoc = ["--posthoc-ema", "--posthoc-ema-every", "2", "--posthoc-ema-dtype", "fp32"]
+    _, run_dir = run_train(tmp_path / "single", *SAME, *posthoc)
+    _torchrun(tmp_path / "fsdp", "--fsdp", *posthoc)
+    single, sharded = list_snapshots(run_dir), list_snapshots(os.path.join(tmp_path, "fsdp", "run"))
+    assert [s[:2] for s in single] == [s[:2] for s in sharded] and len(single) == 4
+    for (_, _, a), (_, _, b) in zip(single, sharded):
+        a, b = torch.load(a, weights_only=True)["ema"], torch.load(b, weights_only=True)["ema"]
+        assert a.keys() == b.keys()
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=2e-6, msg=name)

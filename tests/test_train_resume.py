@@ -1,7 +1,6 @@
 """Exact resume: 10 steps straight equal 5 steps, a stop, and 5 resumed steps, bit for bit in fp32 on CPU."""
 import os
 import signal
-import subprocess
 import sys
 
 import pytest
@@ -9,7 +8,8 @@ import torch
 
 from fcdm.train import resume as ckpt_io
 
-from .test_train_common import REPO, TINY, assert_state_dicts_equal, final_checkpoint, read_metrics, run_train
+from .test_train_common import (REPO, TINY, assert_state_dicts_equal, final_checkpoint, read_metrics, run_train,
+                                signal_mid_run, slow_loader_path)
 
 # Label dropout on, grad accumulation on, so the per-step RNG and the data position inside the epoch both matter:
 # 40 images / batch 4 = 10 steps per epoch, so step 5 stops mid-epoch.
@@ -48,25 +48,12 @@ def test_stop_at_5_then_resume_auto_equals_straight_10(tmp_path, straight_run):
 
 def test_sigterm_saves_at_end_of_step_and_resume_is_exact(tmp_path, straight_run):
     reference, _ = straight_run
-    # A slow data loader (a sleep per batch, via a sitecustomize shim) gives the signal time to land mid-run.
-    shim = tmp_path / "shim"
-    shim.mkdir()
-    (shim / "sitecustomize.py").write_text(
-        "import time, fcdm.data.procedural as p\n"
-        "_get = p.ProceduralShapes.__getitem__\n"
-        "p.ProceduralShapes.__getitem__ = lambda self, key: (time.sleep(0.05), _get(self, key))[1]\n")
     # Same thread count as this process, so float reductions (and hence the weights) match bit for bit.
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONPATH": f"{shim}{os.pathsep}{REPO}"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()),
+           "PYTHONPATH": f"{slow_loader_path(tmp_path)}{os.pathsep}{REPO}"}
     cmd = [sys.executable, os.path.join(REPO, "train.py"), *TINY, "--results-dir", str(tmp_path), "--run-name",
            "run", *RESUME_FLAGS[:1], "1000", *RESUME_FLAGS[2:]]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
-    log = []
-    for line in proc.stdout:  # wait until training is under way
-        log.append(line)
-        if line.startswith("step 0000002"):
-            proc.send_signal(signal.SIGTERM)
-            break
-    out = "".join(log) + proc.communicate(timeout=120)[0]
+    proc, out = signal_mid_run(cmd, env, signal.SIGTERM)
     assert proc.returncode == 0, out
     assert "stopping after step" in out and "SIGTERM" in out
     steps = [s for s, _ in ckpt_io.list_checkpoints(os.path.join(tmp_path, "run", "checkpoints"))]

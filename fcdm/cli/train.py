@@ -1,5 +1,6 @@
 """`fcdm-train` and the root train.py: train an FCDM (`fcdm-train` or `python train.py` is the CPU demo; under torchrun,
-`torchrun --nproc_per_node=N train.py ...` or `torchrun --nproc_per_node=N --no-python fcdm-train ...`).
+`torchrun --nproc_per_node=N train.py ...` or `torchrun --nproc_per_node=N --no-python fcdm-train ...`; under SLURM,
+`srun python train.py ...` also works, each task taking its rank from SLURM's variables).
 
 All the work is in fcdm.train; see docs/training.md for the flags, data formats, resume and multi-node use.
 Set FCDM_DEBUG=1 to see the traceback behind an error message.

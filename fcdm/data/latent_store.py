@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from fcdm.files import atomic_write, atomic_write_json
+
 FORMAT = "fcdm-latent-store"
 VERSION = 1
 
@@ -28,10 +30,16 @@ def write_shard(root: str, prefix: str, mean: np.ndarray, std: np.ndarray, label
     """Write one shard's three arrays; returns its index entry."""
     if mean.shape != std.shape or mean.ndim != 5 or mean.shape[1] != 2 or len(labels) != len(mean):
         raise ValueError(f"shard arrays disagree: mean {mean.shape}, std {std.shape}, labels {labels.shape}")
+    # Each file appears whole or not at all, and the labels come last: a shard whose label file exists is complete
+    # (what an interrupted extraction checks to resume).
     for name, arr in (("mean", mean.astype(np.float16)), ("std", std.astype(np.float16)),
                       ("label", labels.astype(np.int64))):
-        np.save(os.path.join(root, f"{prefix}.{name}.npy"), arr)
+        atomic_write(os.path.join(root, f"{prefix}.{name}.npy"), lambda f, a=arr: np.save(f, a))
     return {"prefix": prefix, "count": int(len(labels))}
+
+
+def shard_complete(root: str, prefix: str) -> bool:
+    return os.path.isfile(os.path.join(root, f"{prefix}.label.npy"))
 
 
 def write_index(root: str, shards: list[dict], latent_shape, scaling_factor: float, classes: list[str],
@@ -40,12 +48,7 @@ def write_index(root: str, shards: list[dict], latent_shape, scaling_factor: flo
     index = {"format": FORMAT, "version": VERSION, "num_latents": sum(s["count"] for s in shards),
              "latent_shape": list(latent_shape), "scaling_factor": scaling_factor, "num_classes": len(classes),
              "classes": list(classes), "image_size": image_size, "vae": vae, "shards": shards}
-    tmp = os.path.join(root, "index.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(index, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(root, "index.json"))
+    atomic_write_json(index, os.path.join(root, "index.json"))
 
 
 def read_index(root: str) -> dict:
@@ -60,10 +63,11 @@ def read_index(root: str) -> dict:
 
 
 class LatentStore(Dataset):
-    """Latents drawn from the stored posteriors: a random flip and a fresh Gaussian sample per access."""
+    """Latents drawn from the stored posteriors: a random flip (unless flip=False: always the image as stored) and
+    a fresh Gaussian sample per access."""
 
-    def __init__(self, root: str, scaling_factor: float | None = None):
-        self.root, self.index = root, read_index(root)
+    def __init__(self, root: str, scaling_factor: float | None = None, flip: bool = True):
+        self.root, self.index, self.flip = root, read_index(root), flip
         self.scaling_factor = self.index["scaling_factor"] if scaling_factor is None else scaling_factor
         counts = [s["count"] for s in self.index["shards"]]
         self.offsets = np.cumsum([0] + counts)                # shard k holds items offsets[k] .. offsets[k+1]-1
@@ -99,7 +103,8 @@ class LatentStore(Dataset):
         index, sample_seed = key if isinstance(key, tuple) else (key, None)
         mean, std, label = self.posterior(index)
         rng = np.random.default_rng(sample_seed)
-        flip = int(rng.integers(2))
+        drawn = int(rng.integers(2))  # drawn either way, so that the noise below does not depend on self.flip
+        flip = drawn if self.flip else 0
         eps = rng.standard_normal(mean.shape[1:], dtype=np.float32)
         z = (mean[flip] + std[flip] * eps) * self.scaling_factor  # (C, H, W)
         return torch.from_numpy(z), torch.tensor(label, dtype=torch.long)

@@ -7,6 +7,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import fcdm
 from fcdm.data import ImageFolderDataset, LatentStore, NpyFeatureDataset, ProceduralShapes
+from fcdm.optim import build_optimizer
 from fcdm.vae import SD_VAE_SCALE, latent_shape, load_vae
 
 
@@ -17,13 +18,13 @@ def build_dataset(args):
         dataset = ProceduralShapes(args.image_size, args.dataset_size, seed=args.global_seed)
         channels, size, classes = 3, args.image_size, dataset.num_classes
     elif args.data_source in ("imagefolder", "imagefolder_latent"):
-        dataset = ImageFolderDataset(args.data_path, args.image_size)
+        dataset = ImageFolderDataset(args.data_path, args.image_size, flip=args.random_flip)
         channels, size, classes = 3, args.image_size, dataset.num_classes   # latents: fixed up after the VAE loads
     elif args.data_source == "npy":
         dataset = NpyFeatureDataset(args.feature_path, args.label_path)
         channels, size, classes = dataset.channels, dataset.latent_size, args.num_classes or 1000
     else:
-        dataset = LatentStore(args.latent_store, args.vae_scaling_factor)
+        dataset = LatentStore(args.latent_store, args.vae_scaling_factor, flip=args.random_flip)
         channels, size, classes = dataset.channels, dataset.latent_size, dataset.num_classes
         args.vae_scaling_factor = dataset.scaling_factor
     if args.in_channels is not None and args.in_channels != channels and args.data_source != "imagefolder_latent":
@@ -43,7 +44,14 @@ def build_vae(args, device):
     sets args.in_channels and args.input_size to the latents'."""
     if not args.vae:
         return None
-    vae = load_vae(args.vae, device)
+    try:
+        vae = load_vae(args.vae, device)
+    except (ValueError, ImportError) as err:  # no network, no cache, no diffusers: say what to do instead
+        why = str(err).rstrip(".") if isinstance(err, ValueError) else f"cannot load the VAE {args.vae!r}: {err}"
+        raise ValueError(f"--vae: {why}. Either pass a local copy, --vae <local "
+                         f"dir> (a diffusers AutoencoderKL directory, e.g. saved once where there is network with "
+                         f"AutoencoderKL.from_pretrained({args.vae!r}).save_pretrained(DIR)), or train in pixel "
+                         f"space with --vae none") from err
     if args.data_source == "imagefolder_latent":
         args.in_channels, args.input_size, _ = latent_shape(vae, args.image_size)
     return vae
@@ -61,11 +69,11 @@ def build_model(args) -> torch.nn.Module:
     return model
 
 
-def wrap_model(model, ema, args, world_size: int, device: torch.device) -> torch.nn.Module:
-    """What the forward runs: DDP, FSDP2 (which shards `model` and the EMA in place) or the model itself (a single
-    process needs no wrapper), then optionally torch.compile."""
+def wrap_model(model, averages: list, args, world_size: int, device: torch.device) -> torch.nn.Module:
+    """What the forward runs: DDP, FSDP2 (which shards `model` and its weight averages, the EMA copies, in place) or
+    the model itself (a single process needs no wrapper), then optionally torch.compile."""
     if args.fsdp:
-        for module in (model, ema.module):
+        for module in (model, *averages):
             for block in module.all_blocks():
                 fully_shard(block)
             fully_shard(module)
@@ -75,3 +83,8 @@ def wrap_model(model, ema, args, world_size: int, device: torch.device) -> torch
     else:
         wrapped = model
     return torch.compile(wrapped) if args.compile else wrapped
+
+
+def build_training_optimizer(model, args, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW with --lr and --weight-decay, as fcdm.optim builds it for the benchmarks too (fused on CUDA)."""
+    return build_optimizer(model.parameters(), args.lr, args.weight_decay, device)

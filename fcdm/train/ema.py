@@ -6,10 +6,7 @@ import copy
 import torch
 import torch.nn as nn
 
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    # FSDP2 parameters are DTensors; the EMA update is elementwise, so each rank updates its own shard.
-    return t.to_local() if hasattr(t, "to_local") else t
+from fcdm.ema import local_tensor  # FSDP2 parameters are DTensors: each rank updates its own shard
 
 
 class EMA:
@@ -31,8 +28,8 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
         weight = 1.0 - self.decay_at(step)
-        ema_params = [_local(p) for p in self.module.parameters()]
-        params = [_local(p).detach().float() for p in model.parameters()]
+        ema_params = [local_tensor(p) for p in self.module.parameters()]
+        params = [local_tensor(p).detach().float() for p in model.parameters()]
         torch._foreach_lerp_(ema_params, params, weight)
         for e, b in zip(self.module.buffers(), model.buffers()):
             e.copy_(b)

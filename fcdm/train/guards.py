@@ -1,12 +1,18 @@
-"""What may skip or stop a training step: the NaN guard, and a stop requested by SIGTERM or SIGINT.
+"""What may skip or stop a training step: the NaN guard, and a stop requested by SIGTERM, SIGUSR1 or SIGINT.
 
 A step whose loss or gradient is not finite is skipped, counted and logged, never applied. Preemptible clusters send
-SIGTERM and wait a grace period; finishing the step and saving a checkpoint is what lets the job resume without
-losing work. A second SIGINT interrupts at once, as usual.
+SIGTERM and wait a grace period, and SLURM sends SIGUSR1 before a time limit (`sbatch --signal=USR1@120`); finishing
+the step and saving a checkpoint is what lets the job resume without losing work. After SIGUSR1 under SLURM the job
+is requeued, so that its next start (`--resume auto`) continues. A second SIGINT interrupts at once, as usual.
 """
 from __future__ import annotations
 
+import os
+import shutil
 import signal
+import subprocess
+
+from fcdm import distributed
 
 from .state import TrainState
 
@@ -33,8 +39,11 @@ def check_step(state: TrainState, loss: float, grad_norm: float, max_consecutive
     return False
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
 class StopRequest:
-    """SIGTERM / SIGINT become a request to stop after the current step. Installs the handlers on enter and restores
+    """SIGTERM / SIGUSR1 / SIGINT become a request to stop after the current step. Installs the handlers on enter and restores
     the previous ones on exit."""
 
     def __init__(self):
@@ -51,7 +60,7 @@ class StopRequest:
         self.signal_name = signal.Signals(signum).name
 
     def __enter__(self) -> "StopRequest":
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (e.g. an embedding application): leave signals alone
@@ -61,3 +70,20 @@ class StopRequest:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def requeue_on_slurm(signal_name: str | None, enabled: bool, log) -> bool:
+    """After a stop on SIGUSR1 (to any rank) inside a SLURM job: `scontrol requeue $SLURM_JOB_ID`, so the job starts
+    again (and --resume auto continues it). Every rank calls it; `enabled` on one. Returns whether it requeued."""
+    names = distributed.all_gather_object(signal_name)  # the stop is shared, the signal need not have reached rank 0
+    job = os.environ.get("SLURM_JOB_ID")
+    if not (enabled and "SIGUSR1" in names and job):
+        return False
+    scontrol = shutil.which("scontrol")
+    if scontrol is None:
+        log("SIGUSR1 in a SLURM job, but scontrol is not on PATH: the job was not requeued")
+        return False
+    done = subprocess.run([scontrol, "requeue", job], capture_output=True, text=True)
+    log(f"requeued SLURM job {job}" if done.returncode == 0 else
+        f"scontrol requeue {job} failed ({done.returncode}): {done.stderr.strip()}")
+    return done.returncode == 0

@@ -20,18 +20,20 @@ import fcdm
 from fcdm import distributed
 from fcdm.data import GlobalBatchSampler
 from fcdm.distributed import DistInfo
+from fcdm.ema import SNAPSHOT_DIR, PowerEMA
 from fcdm.models.flops import model_macs
 from fcdm.objectives import build_objective
 from fcdm.vae import encode
 
 from . import resume
-from .builders import build_dataset, build_model, build_vae, wrap_model
+from .builders import build_dataset, build_model, build_training_optimizer, build_vae, wrap_model
 from .ema import EMA
 from .evaluation import build_evaluator
-from .guards import StopRequest, check_step
+from .guards import StopRequest, check_step, requeue_on_slurm
 from .run_logger import ProgressWindow, RunLogger
 from .previews import sample_grid, save_png
 from .state import TrainState, step_seed
+from .trackers import open_trackers
 
 
 # ---- set-up --------------------------------------------------------------------------------------------------------
@@ -57,6 +59,7 @@ class Run:
     sampler: GlobalBatchSampler | None = None  # set once the state is restored: the data restarts at its step
     loader: DataLoader | None = None
     evaluator: object = None       # callable(ema_model) -> metrics, or None
+    posthoc: PowerEMA | None = None  # --posthoc-ema's power-function EMAs
 
     @property
     def device(self) -> torch.device:
@@ -108,6 +111,7 @@ def setup(args) -> Run:
     objective = build_objective(args.objective)
     args.sampler = args.sampler or objective.default_sampler
     ema = EMA(model, args.ema_decay, args.ema_warmup)
+    posthoc = PowerEMA(model, args.posthoc_ema_sigma_rels) if args.posthoc_ema else None
     run_dir = resume.run_directory(args)
     steps = total_steps(args, len(dataset))
     log = RunLogger(run_dir, info.is_main, steps, progress=not args.no_progress)
@@ -116,17 +120,21 @@ def setup(args) -> Run:
     found = resume.find_resume_checkpoint(args, os.path.join(run_dir, "checkpoints"), log.info)
     if found is not None and found[1].get("format") == resume.FORMAT:
         resume.check_compatible(found[1]["args"], vars(args), found[0])
-    wrapped = wrap_model(model, ema, args, info.world_size, info.device)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    wrapped = wrap_model(model, [ema.module, *(posthoc.modules if posthoc else [])], args, info.world_size,
+                         info.device)
+    opt = build_training_optimizer(model, args, info.device)
     run = Run(args, info, run_dir, log, dataset, vae, objective, model, wrapped, ema, opt,
-              torch.bfloat16 if use_bf16 else None, micro_batch, steps)
+              torch.bfloat16 if use_bf16 else None, micro_batch, steps, posthoc=posthoc)
     if found is not None:
-        resume.restore(found[1], model, ema, opt, run.state, args, log.info)
+        resume.restore(found[1], model, ema, opt, run.state, args, log.info, posthoc)
         log.info(f"resumed from {found[0]} at step {run.state.step} (epoch {run.state.epoch}, "
                  f"batch {run.state.batch_in_epoch})")
     elif args.resume == "auto":
         log.info(f"--resume auto: no checkpoint in {run.ckpt_dir}, starting fresh")
     log.resume_at(run.state.step)
+    if info.is_main:
+        resume.write_run_record(run_dir, args, info.world_size)
+        log.attach(open_trackers(args, run_dir, run.state))
     run.sampler, run.loader = data_loader(run)
     describe(run)
     run.evaluator = build_evaluator(args, objective, info.device, vae, run.amp_dtype, log.info)
@@ -216,6 +224,8 @@ def train_step(run: Run, batches, stop_requested: bool) -> tuple[float, float, f
         run.log.info(f"step {state.step}: non-finite loss {loss} / grad norm {grad_value}; skipped "
                      f"({state.skipped_steps} skipped in total)")
         run.log.metrics(state.step, {"skipped_steps": state.skipped_steps})
+    if run.posthoc is not None:  # a skipped step leaves the weights as they were: the profile still counts it
+        run.posthoc.update(run.model, state.step + 1)
     run.opt.zero_grad(set_to_none=True)
     return loss, grad_value, lr, stop_flag > 0
 
@@ -236,11 +246,13 @@ def log_progress(run: Run, window: ProgressWindow, grad_norm: float, lr: float) 
 
 
 def save_checkpoint(run: Run, name: str | None = None) -> str:
-    """Write checkpoints/<step>.pt, keeping the newest --keep-last (or `name`, kept always). Every rank calls it."""
-    payload = resume.training_payload(run.model, run.ema, run.opt, run.args, run.state)
+    """Write checkpoints/<step>.pt, keeping the --keep-every milestones and the newest --keep-last others (or `name`,
+    kept always). Every rank calls it."""
+    payload = resume.training_payload(run.model, run.ema, run.opt, run.args, run.state, run.posthoc)
     path = os.path.join(run.ckpt_dir, name or resume.checkpoint_name(run.state.step))
     if run.info.is_main:
-        resume.write_checkpoint(payload, path, keep_last=None if name else run.args.keep_last)
+        resume.write_checkpoint(payload, path, keep_last=None if name else run.args.keep_last,
+                                keep_every=run.args.keep_every)
         run.log.info(f"saved checkpoint {path}")
     distributed.barrier()
     return path
@@ -261,6 +273,7 @@ def write_sample_grid(run: Run) -> None:
         if run.info.is_main:
             path = os.path.join(run.run_dir, "samples", f"{run.state.step:07d}.png")
             save_png(grid, path)
+            run.log.image(run.state.step, "samples", grid)
             run.log.info(f"wrote sample grid {path}")
     distributed.barrier()
 
@@ -292,6 +305,17 @@ def finish(run: Run, session_start: float, session_step0: int) -> None:
     run.log.info(f"done: {run.state.step} steps ({rate:.2f} steps/s this session). Checkpoints in {run.ckpt_dir}, "
                  f"samples in {os.path.join(run.run_dir, 'samples')}, metrics in "
                  f"{os.path.join(run.run_dir, 'metrics.jsonl')}")
+
+
+def save_posthoc_snapshots(run: Run) -> None:
+    """posthoc_ema/<step>-sigma<sigma_rel>.pt: one snapshot per tracked EMA profile (rank 0 writes; under FSDP every
+    rank gathers the shards)."""
+    if run.info.is_main or run.args.fsdp:
+        dtype = torch.float16 if run.args.posthoc_ema_dtype == "fp16" else torch.float32
+        paths = run.posthoc.save_snapshots(os.path.join(run.run_dir, SNAPSHOT_DIR), run.state.step,
+                                           dict(vars(run.args)), dtype, resume.full_state_of(run.args),
+                                           write=run.info.is_main)
+        run.log.info(f"saved {len(paths)} post-hoc EMA snapshots at step {run.state.step}")
 
 
 def due(step: int, every: int) -> bool:
@@ -327,9 +351,12 @@ def train(args) -> TrainState:
                 write_sample_grid(run)
             if run.evaluator is not None and due(state.step, args.eval_every) and not finished:
                 evaluate(run)
+            if run.posthoc is not None and (due(state.step, args.posthoc_ema_every) or finished):
+                save_posthoc_snapshots(run)
             if stop_now:
                 log.info(f"stopping after step {state.step} on {stop.signal_name or 'a signal to another rank'}; "
                          f"resume with --resume auto")
+                requeue_on_slurm(stop.signal_name, args.slurm_requeue and run.info.is_main, log.info)
                 break
     if state.step == run.total_steps:
         finish(run, session_start, session_step0)

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import argparse
 import glob
+import importlib.metadata
 import os
 import re
+import socket
+import time
 
 import torch
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
@@ -19,6 +22,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 
 from fcdm import distributed
+from fcdm.files import atomic_torch_save, atomic_write_json
 from fcdm.load import CheckpointError, fit_state, read_checkpoint_file
 
 from .state import TrainState, capture_rng, restore_rng
@@ -32,30 +36,9 @@ def checkpoint_name(step: int) -> str:
     return f"{step:07d}.pt"  # the official naming
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def atomic_save(obj: dict, path: str) -> None:
-    """torch.save to a temporary file in the same directory, fsync it, then rename over `path`.
-
-    A crash at any point leaves either the old file or the complete new one, never a torn file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    _fsync_dir(directory)
+    """torch.save to `path` atomically (fcdm.files): a crash leaves the old file or the new one, never a torn file."""
+    atomic_torch_save(obj, path)
 
 
 def list_checkpoints(directory: str) -> list[tuple[int, str]]:
@@ -68,10 +51,17 @@ def list_checkpoints(directory: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def prune(directory: str, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` step checkpoints (0 keeps everything)."""
+def is_milestone(step: int, keep_every: int) -> bool:
+    """A step checkpoint kept for good: every `keep_every` steps (none when keep_every is 0)."""
+    return keep_every > 0 and step % keep_every == 0
+
+
+def prune(directory: str, keep_last: int, keep_every: int = 0) -> None:
+    """Delete all but the newest `keep_last` step checkpoints that are not milestones (0 keeps everything);
+    milestones, every `keep_every` steps, are never deleted."""
     if keep_last > 0:
-        for _, path in list_checkpoints(directory)[:-keep_last]:
+        others = [(s, p) for s, p in list_checkpoints(directory) if not is_milestone(s, keep_every)]
+        for _, path in others[:-keep_last]:
             os.remove(path)
 
 
@@ -121,19 +111,19 @@ def all_finite(state_dict: dict) -> bool:
     return all(torch.isfinite(v).all() for v in state_dict.values() if torch.is_tensor(v) and v.is_floating_point())
 
 
-def write_checkpoint(payload: dict, path: str, keep_last: int | None = None) -> None:
-    """Refuse non-finite weights, write `payload` atomically to `path`, then keep the newest `keep_last` step
-    checkpoints of its directory (None: prune nothing, as for best.pt)."""
+def write_checkpoint(payload: dict, path: str, keep_last: int | None = None, keep_every: int = 0) -> None:
+    """Refuse non-finite weights, write `payload` atomically to `path`, then keep the milestones and the newest
+    `keep_last` other step checkpoints of its directory (None: prune nothing, as for best.pt)."""
     if not (all_finite(payload["model"]) and all_finite(payload["ema"])):
         step = payload["train_state"]["step"]
         raise RuntimeError(f"refusing to save non-finite weights at step {step}")
     atomic_save(payload, path)
     if keep_last is not None:
-        prune(os.path.dirname(path), keep_last)
+        prune(os.path.dirname(path), keep_last, keep_every)
 
 
 # ---- what a checkpoint holds -------------------------------------------------------------------------------------
-def training_payload(model, ema, opt, args, state: TrainState) -> dict:
+def training_payload(model, ema, opt, args, state: TrainState, posthoc=None) -> dict:
     """The checkpoint dict (collective under FSDP or DDP; meaningful on rank 0)."""
     if args.fsdp:
         full = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -142,13 +132,19 @@ def training_payload(model, ema, opt, args, state: TrainState) -> dict:
     else:
         model_sd, ema_sd, opt_sd = model.state_dict(), ema.module.state_dict(), opt.state_dict()
     rng = distributed.all_gather_object(capture_rng())
-    return {"model": model_sd, "ema": ema_sd, "opt": opt_sd, "args": dict(vars(args)),
-            "train_state": state.to_dict(), "rng": rng, "world_size": distributed.info().world_size,
-            "format": FORMAT}
+    payload = {"model": model_sd, "ema": ema_sd, "opt": opt_sd, "args": dict(vars(args)),
+               "train_state": state.to_dict(), "rng": rng, "world_size": distributed.info().world_size,
+               "format": FORMAT}
+    if posthoc is not None:  # the power-function EMAs, so that a resumed run continues their profiles exactly
+        payload["posthoc_ema"] = posthoc.state_dict(full_state_of(args))
+    return payload
 
 
-def restore(ckpt: dict, model, ema, opt, state: TrainState, args, log) -> None:
-    """Load a checkpoint into the (unwrapped, or FSDP-sharded) model, EMA, optimiser, state and RNGs."""
+def restore(ckpt: dict, model, ema, opt, state: TrainState, args, log, posthoc=None) -> None:
+    """Load a checkpoint into the (unwrapped, or FSDP-sharded) model, EMA, optimiser, state, RNGs and post-hoc EMAs
+    (which start from the model when the checkpoint has none)."""
+    if "model" not in ckpt:  # e.g. a post-hoc EMA reconstruction: its EMA weights are the starting point
+        ckpt = {**ckpt, "model": ckpt["ema"]}
     if args.fsdp:
         full = StateDictOptions(full_state_dict=True)
         set_model_state_dict(model, ckpt["model"], options=full)
@@ -164,6 +160,8 @@ def restore(ckpt: dict, model, ema, opt, state: TrainState, args, log) -> None:
                              f"--num-classes, --objective): {e}") from e
         if "opt" in ckpt:
             opt.load_state_dict(ckpt["opt"])
+    if posthoc is not None:
+        restore_posthoc(posthoc, ckpt, args, log)
     if ckpt.get("format") != FORMAT:
         log("loaded weights and optimiser from an official checkpoint; step and data position start at 0")
         return
@@ -176,6 +174,45 @@ def restore(ckpt: dict, model, ema, opt, state: TrainState, args, log) -> None:
     else:
         log(f"world size changed ({ckpt.get('world_size')} -> {info.world_size}): per-rank RNG states not "
             f"restored; data order and per-step noise are unaffected")
+
+
+def full_state_of(args):
+    """module -> its full (unsharded) state dict, on the CPU under FSDP: a collective there, as every rank calls it."""
+    if not args.fsdp:
+        return lambda module: module.state_dict()
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return lambda module: get_model_state_dict(module, options=full)
+
+
+def load_full_state(args):
+    """(module, full state dict) -> loaded, sharding it under FSDP."""
+    if not args.fsdp:
+        return lambda module, sd: module.load_state_dict(sd)
+    return lambda module, sd: set_model_state_dict(module, sd, options=StateDictOptions(full_state_dict=True))
+
+
+def restore_posthoc(posthoc, ckpt: dict, args, log) -> None:
+    if "posthoc_ema" in ckpt:
+        posthoc.load_state_dict(ckpt["posthoc_ema"], load_full_state(args))
+        return
+    for module in posthoc.modules:  # their profiles start here (a power-function EMA forgets its start anyway)
+        load_full_state(args)(module, {k: v.float() for k, v in ckpt["model"].items()})
+    log("the checkpoint has no post-hoc EMA state: the power-function EMAs start from its weights")
+
+
+def write_run_record(run_dir: str, args, world_size: int) -> None:
+    """<run>/args.json, atomically: the command line, the resolved settings and where the run started."""
+    record = {"command": getattr(args, "command", None), "config": dict(vars(args)), "world_size": world_size,
+              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(),
+              "torch": torch.__version__, "fcdm": fcdm_version()}
+    atomic_write_json(record, os.path.join(run_dir, "args.json"))
+
+
+def fcdm_version() -> str:
+    try:
+        return importlib.metadata.version("fcdm")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 # ---- where the run lives and what it resumes from ----------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Run output on rank 0: a tqdm bar, log.txt, metrics.jsonl, and TensorBoard when it is installed; and the running
-loss and throughput between two log lines."""
+"""Run output on rank 0: a tqdm bar, log.txt, metrics.jsonl, and the attached trackers (TensorBoard, W&B: see
+trackers.py); and the running loss and throughput between two log lines."""
 from __future__ import annotations
 
 import json
@@ -17,7 +17,7 @@ class RunLogger:
                  progress: bool = True):
         self.enabled = enabled and run_dir is not None
         self.bar = None
-        self.tb = None
+        self.trackers = []
         self._log = self._metrics = None
         if not self.enabled:
             return
@@ -25,11 +25,6 @@ class RunLogger:
         self._log = open(os.path.join(run_dir, "log.txt"), "a", buffering=1)
         # On resume, lines for steps after the checkpoint may repeat; the later line for a step wins.
         self._metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
-        try:  # tensorboard is optional: imported only here
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
-        except ImportError:
-            self.tb = None
         if progress:
             self.bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True)
 
@@ -45,10 +40,19 @@ class RunLogger:
             return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
         self._metrics.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
-        if self.tb is not None:
-            for k, v in values.items():
-                if isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, step)
+        numbers = {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        for tracker in self.trackers:
+            tracker.scalars(step, numbers)
+
+    def attach(self, trackers: list) -> None:
+        """Send metrics and images to these trackers too (rank 0's; ignored elsewhere)."""
+        if self.enabled:
+            self.trackers = list(trackers)
+
+    def image(self, step: int, tag: str, grid) -> None:
+        """A uint8 (H, W, 3) image, such as a sample grid, to the trackers."""
+        for tracker in self.trackers:
+            tracker.image(step, tag, grid)
 
     def resume_at(self, step: int) -> None:
         """Start the bar at `step` (a resumed run)."""
@@ -66,8 +70,8 @@ class RunLogger:
             return
         if self.bar is not None:
             self.bar.close()
-        if self.tb is not None:
-            self.tb.close()
+        for tracker in self.trackers:
+            tracker.close()
         self._log.close()
         self._metrics.close()
 

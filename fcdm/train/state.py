@@ -21,6 +21,7 @@ class TrainState:
     consecutive_skips: int = 0
     best_metric: float | None = None
     best_step: int | None = None
+    wandb_run_id: str | None = None  # a resumed run logs to the same W&B run
 
     def to_dict(self) -> dict:
         return asdict(self)
