@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_data_flags(g) -> None:
     pos, nonneg = positive, non_negative
-    g.add_argument("--data-path", help="ImageFolder root (class sub-folders): pixel space, or latents with --vae")
+    g.add_argument("--data-path", help="ImageFolder root (class sub-folders), encoded to latents by --vae "
+                   "(pixel space with --vae none)")
     g.add_argument("--feature-path", help="official layout: directory of per-image latent .npy files")
     g.add_argument("--label-path", help="official layout: directory of per-image label .npy files")
     g.add_argument("--latent-store", help="a store written by `python -m fcdm.data.extract`")
