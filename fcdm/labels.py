@@ -30,7 +30,7 @@ def _name_index(id2label_items: tuple) -> dict[str, list[int]]:
     for class_id, label in id2label_items:
         for rank, synonym in enumerate(s.strip().lower() for s in label.split(",")):
             ids = index.setdefault(synonym, [])
-            ids.insert(0, class_id) if rank == 0 else ids.append(class_id)
+            ids.insert(0 if rank == 0 else len(ids), class_id)
     return index
 
 
