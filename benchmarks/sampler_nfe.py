@@ -25,15 +25,18 @@ from fcdm.eval.demo_quality import DemoQuality, frechet_distance
 from fcdm.pipeline import FCDMPipeline
 from fcdm.sampling import generate, seeded_batch
 
-# (label, in-house sampler or None, diffusers scheduler or None, NFEs). At 250 steps the deterministic solvers all
-# approach the same probability-flow ODE, whose in-house DDIM-250 row stands for them (and keeps the run short).
-RUNS = [
-    ("DDPM (in-house)", "ddpm", None, (10, 20, 50, 250)),
-    ("DDIM (in-house)", "ddim", None, (10, 20, 50, 250)),
-    ("DPM-Solver++ 2M", None, "dpmsolver++", (10, 20, 50)),
-    ("UniPC", None, "unipc", (10, 20, 50)),
-    ("Euler", None, "euler", (10, 20, 50)),
-]
+# key -> (label, in-house sampler or None, diffusers scheduler or None, NFEs). At 250 steps the deterministic solvers
+# all approach the same probability-flow ODE, whose in-house DDIM-250 row stands for them (and keeps the run short).
+RUNS = {
+    "ddpm": ("DDPM (in-house)", "ddpm", None, (10, 20, 50, 250)),
+    "ddim": ("DDIM (in-house)", "ddim", None, (10, 20, 50, 250)),
+    "dpmsolver++": ("DPM-Solver++ 2M", None, "dpmsolver++", (10, 20, 50)),
+    "unipc": ("UniPC", None, "unipc", (10, 20, 50)),
+    "euler": ("Euler", None, "euler", (10, 20, 50)),
+    "dpmsolver++-sde": ("SDE-DPM-Solver++ 2M", None, "dpmsolver++-sde", (10, 20, 50)),
+    "euler-ancestral": ("Euler ancestral", None, "euler-ancestral", (10, 20, 50)),
+    "diffusers-ddpm": ("DDPM (diffusers)", None, "ddpm", (10, 20, 50)),
+}
 
 
 def sample(pipe, n: int, seed: int, cfg: float, sampler=None, scheduler=None, steps=250, autocast=None):
@@ -56,7 +59,8 @@ def score(judge: DemoQuality, x, y, bootstrap: int, rng: np.random.Generator) ->
 
 def nfe_table(pipe, judge, args) -> list[dict]:
     rows, rng = [], np.random.default_rng(0)
-    for label, sampler, scheduler, nfes in RUNS:
+    for key in args.samplers:
+        label, sampler, scheduler, nfes = RUNS[key]
         for steps in nfes:
             if args.max_nfe and steps > args.max_nfe:
                 continue
@@ -119,6 +123,18 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def previous_rows(args, result: dict) -> list[dict]:
+    """With --append: the rows of <out>.json, whose settings must equal this run's."""
+    if not args.append:
+        return []
+    with open(args.out + ".json") as f:
+        before = json.load(f)
+    same = ("ckpt", "num_samples", "cfg_scale", "fd_real")
+    if any(before[k] != result[k] for k in same):
+        raise SystemExit(f"--append: {args.out}.json was made with other settings ({', '.join(same)})")
+    return before["rows"]
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("ckpt", help="a demo checkpoint (python train.py): pixel space, 10 classes, DDPM objective")
@@ -127,6 +143,8 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the FD's spread")
     p.add_argument("--max-nfe", type=int, default=None, help="skip rows above this NFE (a quick look)")
+    p.add_argument("--samplers", nargs="+", choices=list(RUNS), default=list(RUNS), help="rows to run")
+    p.add_argument("--append", action="store_true", help="add the rows to those of <out>.json (same settings)")
     p.add_argument("--precision", action="store_true", help="measure bf16 against fp32 instead of the NFE table")
     p.add_argument("--precision-samples", type=int, default=100)
     p.add_argument("--classifier-steps", type=int, default=500, help="the judge's training steps (cached)")
@@ -145,7 +163,7 @@ def main(argv=None) -> None:
         with open(args.out + "_precision.json", "w") as f:
             json.dump(result, f, indent=1)
         return
-    result["rows"] = nfe_table(pipe, judge, args)
+    result["rows"] = previous_rows(args, result) + nfe_table(pipe, judge, args)
     with open(args.out + ".json", "w") as f:
         json.dump(result, f, indent=1)
     plot(result["rows"], args.out + ".png", args.num_samples)

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 # name -> (diffusers class name, its settings for FCDM)
 SCHEDULERS = {
     "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpmsolver++-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
     "unipc": ("UniPCMultistepScheduler", {}),
     "ddim": ("DDIMScheduler", {"clip_sample": False, "set_alpha_to_one": True}),
     "euler": ("EulerDiscreteScheduler", {}),
