@@ -45,7 +45,8 @@ def build_scheduler(name: str, objective, **overrides):
     if name not in SCHEDULERS:
         raise ValueError(f"scheduler must be one of {sorted(SCHEDULERS)}, got {name!r}")
     if getattr(objective, "name", None) != "ddpm":
-        raise ValueError(f"diffusers' schedulers drive the ddpm objective, not {getattr(objective, 'name', objective)!r}")
+        name = getattr(objective, "name", objective)
+        raise ValueError(f"diffusers' schedulers drive the ddpm objective, not {name!r}")
     class_name, settings = SCHEDULERS[name]
     diffusion = objective.diffusion
     prediction = "sample" if diffusion.model_mean_type.value == "start_x" else "epsilon"

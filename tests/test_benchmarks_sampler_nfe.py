@@ -24,7 +24,8 @@ def test_sampler_nfe_smoke(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "nfe.png").stat().st_size > 1000 and "| DDPM (in-house) | 10 |" in capsys.readouterr().out
     sampler_nfe.main(common + ["--max-nfe", "10", "--samplers", "ddim", "--append"])
     rows = json.loads((tmp_path / "nfe.json").read_text())["rows"]
-    assert len(rows) == len(sampler_nfe.RUNS) + 1 and all(rows[-1][k] == rows[1][k] for k in ("sampler", "nfe", "class_accuracy", "fd"))
+    assert len(rows) == len(sampler_nfe.RUNS) + 1
+    assert all(rows[-1][k] == rows[1][k] for k in ("sampler", "nfe", "class_accuracy", "fd"))
     sampler_nfe.main(common + ["--precision", "--precision-samples", "4"])
     precision = json.loads((tmp_path / "nfe_precision.json").read_text())["precision"]
     assert [r["nfe"] for r in precision] == [250, 20] and all(r["rel_l2_batch"] > 0 for r in precision)

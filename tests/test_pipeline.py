@@ -114,7 +114,8 @@ def test_sample_py_scheduler_and_official_flags(assets, tmp_path, capsys):  # no
     assert sample.parse_args(common_args(assets, tmp_path) + ["--no-ddpm"]).sampler == "ddim"
     assert sample.parse_args(common_args(assets, tmp_path)[:8] + ["--vae", "mse"]).vae == "stabilityai/sd-vae-ft-mse"
     for extra, message in [(["--scheduler", "ddim", "--sampler", "ddim"], "--scheduler drives"),
-                           (["--ddpm", "--sampler", "ddim"], "contradict"), (["--scheduler", "lms"], "invalid choice")]:
+                           (["--ddpm", "--sampler", "ddim"], "contradict"), (["--scheduler", "lms"], "invalid choice"),
+                           (["--grid", "g.png"], "--grid needs --class-labels")]:
         with pytest.raises(SystemExit):
             sample.parse_args(common_args(assets, tmp_path) + extra)
         assert message in capsys.readouterr().err

@@ -70,7 +70,10 @@ def main(argv=None) -> None:
             torch.backends.cuda.matmul.allow_tf32 = args.tf32
             torch.backends.cudnn.allow_tf32 = args.tf32
         with torch.no_grad():
-            quick_look(args, info) if args.class_labels else sample(args, info)
+            if args.class_labels is None:
+                sample(args, info)
+            elif info.rank == 0:  # a handful of images: one process draws them all
+                quick_look(args, info)
     except (ValueError, ImportError) as err:  # checkpoint, VAE, device and run-directory errors: a message
         if os.environ.get("FCDM_DEBUG"):
             raise

@@ -93,7 +93,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.sampler = "ddpm" if args.ddpm else "ddim"
     args.sampler = args.sampler or OBJECTIVES[args.objective].default_sampler
     for failed, message in [
-        (args.ddpm is not None and chosen not in (None, args.sampler), f"--ddpm/--no-ddpm contradict --sampler {chosen}"),
+        (args.grid is not None and args.class_labels is None, "--grid needs --class-labels"),
+        (args.ddpm is not None and chosen not in (None, args.sampler),
+         f"--ddpm/--no-ddpm contradict --sampler {chosen}"),
         (args.scheduler is not None and (args.objective != "ddpm" or chosen or args.ddpm is not None or args.eta
                                          or args.respacing), "--scheduler drives the ddpm objective and replaces "
          "--sampler, --ddpm, --eta and --respacing"),
