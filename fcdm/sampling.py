@@ -17,6 +17,7 @@ import torch
 from .diffusion.noise import GeneratorLike, gaussian_noise, module_device
 from .guidance import GuidedDenoiser
 from .objectives import build_objective
+from .schedulers import build_scheduler, scheduler_sample
 
 
 @contextlib.contextmanager
@@ -36,18 +37,24 @@ def generate(model, objective, y: torch.Tensor, shape: Sequence[int], sampler: O
              steps: int = 250, cfg_scale: float = 1.0, guide_all_channels: bool = False,
              guidance_interval: Optional[tuple[float, float]] = None, noise: Optional[torch.Tensor] = None,
              generator: GeneratorLike = None, progress: bool = False, null_label: Optional[int] = None,
-             autocast_dtype: Optional[torch.dtype] = None, stats: Optional[dict] = None,
+             autocast_dtype: Optional[torch.dtype] = None, stats: Optional[dict] = None, scheduler=None,
              **sampler_options) -> torch.Tensor:
     """Sample len(y) images/latents of `shape` (C, H, W) from `model(x, t, y)`. -> (B, C, H, W) float32.
 
     objective: an object from build_objective, or its name. sampler: "ddpm"/"ddim" (ddpm objective) or
-    "euler"/"heun"/"sde" (flow objective); default ddpm resp. sde. guidance_interval=(low, high) applies CFG only
+    "euler"/"heun"/"sde" (flow objective); default ddpm resp. sde. scheduler: instead of `sampler`, a diffusers
+    scheduler (ddpm objective): a name of fcdm.schedulers.SCHEDULERS ("dpmsolver++", "unipc", "ddim", "euler", ...)
+    or a configured scheduler object, run for `steps` steps. guidance_interval=(low, high) applies CFG only
     where the noise level (0 = data, 1 = noise; DDPM t/1000, flow 1 - t) lies in [low, high]. sampler_options:
     eta, respacing, clip_denoised (ddpm/ddim); diffusion_norm, last_step_size (sde). If `stats` is a dict it is
     filled with nfe (model evaluations per trajectory), forward_passes, cond_rows, uncond_rows, uncond_skipped.
     """
     if isinstance(objective, str):
         objective = build_objective(objective)
+    if scheduler is not None and (sampler is not None or sampler_options):
+        raise ValueError("scheduler replaces sampler and its options; pass one or the other")
+    if isinstance(scheduler, str):
+        scheduler = build_scheduler(scheduler, objective)
     sampler = sampler or objective.default_sampler
     if sampler not in objective.samplers:
         raise ValueError(f"sampler {sampler!r} does not fit the {objective.name} objective; "
@@ -68,8 +75,11 @@ def generate(model, objective, y: torch.Tensor, shape: Sequence[int], sampler: O
     denoiser = GuidedDenoiser(model, cfg_scale, null_label, guide_all_channels, guidance_interval,
                               objective.noise_level, autocast_dtype)
     with _eval_mode(model), torch.no_grad():
-        x, nfe = objective.sample(denoiser, noise, y, sampler, steps, generator=generator, progress=progress,
-                                  **sampler_options)
+        if scheduler is not None:
+            x, nfe = scheduler_sample(denoiser, scheduler, noise, y, steps, generator, progress)
+        else:
+            x, nfe = objective.sample(denoiser, noise, y, sampler, steps, generator=generator, progress=progress,
+                                      **sampler_options)
     if stats is not None:
         stats.update(denoiser.stats)
         stats["nfe"] = nfe

@@ -71,6 +71,11 @@ def test_commands_are_installed_and_import_the_wheel(installed, tmp_path):
                 cwd=tmp_path, env=env).stdout.split()
     assert all(Path(path).is_relative_to(purelib) for path in where), where
     assert not (purelib / "train.py").exists() and not (purelib / "sample.py").exists()
+    # Package data: the ImageNet class names travel in the wheel, and `python -m fcdm.export` runs from it.
+    labels = run([bin_dir / "python", "-c", "from fcdm.labels import IMAGENET_ID2LABEL as L; print(len(L), L[207])"],
+                 cwd=tmp_path, env=env).stdout.strip()
+    assert labels == "1000 golden retriever", labels
+    assert run([bin_dir / "python", "-m", "fcdm.export", "--help"], cwd=tmp_path, env=env).stdout.startswith("usage:")
 
 
 @pytest.mark.slow
