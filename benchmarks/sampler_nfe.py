@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -123,6 +124,13 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def checkpoint_name(path: str) -> str:
+    """The checkpoint as the results record it: relative to the repository when inside it, else its file name (a
+    machine's own directories do not belong in committed results)."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(REPO_ROOT)) if resolved.is_relative_to(REPO_ROOT) else resolved.name
+
+
 def previous_rows(args, result: dict) -> list[dict]:
     """With --append: the rows of <out>.json, whose settings must equal this run's."""
     if not args.append:
@@ -156,7 +164,8 @@ def main(argv=None) -> None:
     judge = DemoQuality(pipe.spec["image_size"], pipe.objective, "ddpm", 1, args.cfg_scale, log=lambda *a: None,
                         classifier_steps=args.classifier_steps,
                         num_samples=args.precision_samples if args.precision else args.num_samples)
-    result = {"environment": environment(torch.device("cpu")), "ckpt": args.ckpt, "num_samples": args.num_samples,
+    result = {"environment": environment(torch.device("cpu")), "ckpt": checkpoint_name(args.ckpt),
+              "num_samples": args.num_samples,
               "cfg_scale": args.cfg_scale, "fd_real": judge.fd_real, "real_accuracy": judge.real_accuracy}
     if args.precision:
         result["precision"] = precision_check(pipe, judge, args)
