@@ -94,6 +94,20 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def fp32_copy(model: nn.Module) -> nn.Module:
+    """A frozen fp32 copy of `model` in eval mode: the starting point of every EMA."""
+    return copy.deepcopy(model).float().eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def lerp_average_(average: nn.Module, model: nn.Module, weight: float) -> None:
+    """average <- average + weight * (model - average) on the parameters (this rank's shards); buffers copied."""
+    mine = [local_tensor(p) for p in average.parameters()]
+    torch._foreach_lerp_(mine, [local_tensor(p).detach().float() for p in model.parameters()], weight)
+    for e, b in zip(average.buffers(), model.buffers()):
+        e.copy_(b)
+
+
 def _state_dict(module: nn.Module) -> dict:
     return module.state_dict()
 
@@ -105,17 +119,12 @@ class PowerEMA:
     def __init__(self, model: nn.Module, sigma_rels):
         self.sigma_rels = [float(s) for s in sigma_rels]
         self.gammas = [sigma_rel_to_gamma(s) for s in self.sigma_rels]
-        self.modules = [copy.deepcopy(model).float().eval().requires_grad_(False) for _ in self.sigma_rels]
+        self.modules = [fp32_copy(model) for _ in self.sigma_rels]
 
-    @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
         """Fold in the weights after optimiser step `step` (counted from 1)."""
-        params = [local_tensor(p).detach().float() for p in model.parameters()]
         for gamma, module in zip(self.gammas, self.modules):
-            mine = [local_tensor(p) for p in module.parameters()]
-            torch._foreach_lerp_(mine, params, 1.0 - power_beta(gamma, step))
-            for e, b in zip(module.buffers(), model.buffers()):
-                e.copy_(b)
+            lerp_average_(module, model, 1.0 - power_beta(gamma, step))
 
     def state_dict(self, state_of=_state_dict) -> dict:
         return {"sigma_rels": list(self.sigma_rels), "modules": [state_of(m) for m in self.modules]}

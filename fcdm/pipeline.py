@@ -25,11 +25,12 @@ from typing import Optional
 import torch
 from huggingface_hub import ModelHubMixin, snapshot_download
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from fcdm_kernels.dispatch import use_backend
 
 from .cuda_graph import GraphedForward
+from .files import atomic_write
 from .labels import IMAGENET_ID2LABEL, class_ids
 from .load import CheckpointError, build_fcdm, fit_state, load_fcdm, sampling_config
 from .objectives import build_objective
@@ -45,16 +46,6 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 class FCDMPipelineOutput:
     images: object        # a list of PIL images, or a (N, C, h, w) float32 tensor for output_type="latent"
     class_labels: list    # the class number of each image
-
-
-def _atomic_write(path: Path, write) -> None:
-    """write(tmp_path), then rename over `path`: a reader never sees a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _dtype(dtype) -> Optional[torch.dtype]:
@@ -100,7 +91,7 @@ def save_image(image: Image.Image, path: str) -> None:
     fmt = Image.registered_extensions().get(os.path.splitext(path)[1].lower())
     if fmt is None:
         raise ValueError(f"cannot tell the image format of {path!r} from its extension (use .png or .jpg)")
-    _atomic_write(Path(path), lambda tmp: image.save(tmp, format=fmt))
+    atomic_write(path, lambda f: image.save(f, format=fmt))
 
 
 def _spec_from_checkpoint(loaded, image_size, objective, vae, vae_scaling_factor) -> dict:
@@ -175,10 +166,11 @@ class FCDMPipeline(ModelHubMixin, library_name="fcdm", tags=["fcdm", "class-cond
 
     def _save_pretrained(self, save_directory: Path) -> None:
         state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.model.state_dict().items()}
-        _atomic_write(save_directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+        weights = save(state, metadata={"format": "pt"})
+        atomic_write(str(save_directory / WEIGHTS_NAME), lambda f: f.write(weights))
         config = {"format": EXPORT_FORMAT, "format_version": 1, **self.spec}
         text = json.dumps(config, indent=2) + "\n"
-        _atomic_write(save_directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))  # written last
+        atomic_write(str(save_directory / CONFIG_NAME), lambda f: f.write(text), binary=False)  # written last
 
     # ---- sampling ----------------------------------------------------------------------------------------------
     @property

@@ -26,7 +26,7 @@ from fcdm.pipeline import FCDMPipeline, image_grid, save_image, to_images
 from fcdm.sampling import generate, seeded_batch
 from fcdm.vae import to_uint8
 
-from .sample_config import RUN_KEYS, build_parser, parse_args  # noqa: F401 (build_parser: for callers)
+from .sample_config import RUN_KEYS, parse_args
 
 
 def load_pipeline(args, info) -> FCDMPipeline:

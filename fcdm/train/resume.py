@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import importlib.metadata
 import os
 import re
 import socket
@@ -21,7 +20,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from fcdm import distributed
+from fcdm import __version__ as FCDM_VERSION, distributed
 from fcdm.files import atomic_torch_save, atomic_write_json
 from fcdm.load import CheckpointError, fit_state, read_checkpoint_file
 
@@ -204,15 +203,9 @@ def write_run_record(run_dir: str, args, world_size: int) -> None:
     """<run>/args.json, atomically: the command line, the resolved settings and where the run started."""
     record = {"command": getattr(args, "command", None), "config": dict(vars(args)), "world_size": world_size,
               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(),
-              "torch": torch.__version__, "fcdm": fcdm_version()}
+              "torch": torch.__version__, "fcdm": FCDM_VERSION}
     atomic_write_json(record, os.path.join(run_dir, "args.json"))
 
-
-def fcdm_version() -> str:
-    try:
-        return importlib.metadata.version("fcdm")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
 
 
 # ---- where the run lives and what it resumes from ----------------------------------------------------------------
