@@ -44,3 +44,14 @@ def atomic_torch_save(obj, path: str) -> None:
 def atomic_write_json(obj, path: str) -> None:
     """`obj` as indented JSON at `path`, atomically."""
     atomic_write(path, lambda f: json.dump(obj, f, indent=1, default=str), binary=False)
+
+
+def settings_differences(path: str, settings: dict) -> dict:
+    """{key: (stored, now)} for every setting that differs from the JSON record at `path` (empty when there is no
+    record yet). `settings` is compared as a reread would see it (tuples become lists)."""
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        stored = json.load(f)
+    now = json.loads(json.dumps(settings, default=str))
+    return {k: (stored.get(k), now.get(k)) for k in sorted(set(stored) | set(now)) if stored.get(k) != now.get(k)}

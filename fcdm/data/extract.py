@@ -8,7 +8,6 @@ are kept (extract.json records the settings; a rerun with other settings is refu
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import numpy as np
@@ -19,14 +18,11 @@ from tqdm import tqdm
 from fcdm import distributed
 from fcdm.data.imagefolder import ImageFolderDataset
 from fcdm.data.latent_store import shard_complete, write_index, write_shard
-from fcdm.files import atomic_write_json
+from fcdm.files import atomic_write_json, settings_differences
 from fcdm.flags import add_device_flag, add_vae_flags
 from fcdm.vae import PIXEL_SPACE, SD_VAE_SCALE, VAE_ALIASES, load_vae, resolve_vae_name
 
-SETTINGS_FILE = "extract.json"
-# What the stored latents depend on; anything else (batch size, workers, device) may change between attempts.
-SETTINGS = ("data_path", "num_images", "classes", "image_size", "vae", "vae_scaling_factor", "shard_size",
-            "world_size")
+SETTINGS_FILE = "extract.json"  # what the stored latents depend on (batch size, workers, device may change)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -82,13 +78,8 @@ def shard_plan(num_images: int, world_size: int, shard_size: int) -> list[tuple[
 
 def check_settings(output: str, settings: dict) -> None:
     """Refuse to continue a store written with other settings, naming each one that differs."""
-    path = os.path.join(output, SETTINGS_FILE)
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        stored = json.load(f)
-    diffs = [f"{k}: {stored.get(k)!r} in the store vs {settings[k]!r} now" for k in SETTINGS
-             if stored.get(k) != settings[k]]
+    diffs = [f"{k}: {stored!r} in the store vs {now!r} now"
+             for k, (stored, now) in settings_differences(os.path.join(output, SETTINGS_FILE), settings).items()]
     if diffs:
         raise SystemExit(f"--output {output!r} holds a partial extraction written with other settings:\n  "
                          + "\n  ".join(diffs) + "\nRerun with its settings to resume it, or choose a new --output.")

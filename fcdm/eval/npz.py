@@ -8,7 +8,6 @@ missing ones) and streams the blocks, in sample order, into one .npz.
 """
 from __future__ import annotations
 
-import json
 import os
 import zipfile
 from typing import Iterator
@@ -16,6 +15,7 @@ from typing import Iterator
 import numpy as np
 
 from fcdm.eval.metrics import FeatureStatistics
+from fcdm.files import atomic_write, atomic_write_json, settings_differences
 
 IMAGES_KEY = "arr_0"
 POOL_STAT_KEYS = ("mu", "sigma")
@@ -168,17 +168,11 @@ class NpzShards:
     def record_settings(self, settings: dict) -> None:
         """Write `settings` (what the samples depend on) beside the shards of a new run; on a rerun, ValueError naming
         every setting that differs, so that shards of two different runs are never merged."""
-        settings = json.loads(json.dumps(settings))  # as a reread would see them: tuples become lists
-        if os.path.exists(self.settings_path):
-            with open(self.settings_path) as f:
-                old = json.load(f)
-            differ = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-            if differ:
-                raise ValueError(f"{self.directory} holds a run with other settings ({', '.join(differ)} differ)")
-            return
-        with open(self.settings_path + ".tmp", "w") as f:
-            json.dump(settings, f, indent=1)
-        os.replace(self.settings_path + ".tmp", self.settings_path)
+        differ = settings_differences(self.settings_path, settings)
+        if differ:
+            raise ValueError(f"{self.directory} holds a run with other settings ({', '.join(differ)} differ)")
+        if not os.path.exists(self.settings_path):
+            atomic_write_json(settings, self.settings_path)
 
     def todo(self, rank: int = 0, world_size: int = 1) -> tuple[list[int], list[int]]:
         """(the blocks of process `rank` of `world_size`: every world_size-th from `rank`, those not done yet)."""
@@ -200,10 +194,7 @@ class NpzShards:
         if len(images) != len(self.blocks[k]) or len(labels) != len(self.blocks[k]):
             raise ValueError(f"block {k} has {len(self.blocks[k])} samples, got {len(labels)} labels and "
                              f"{len(images)} images")
-        tmp = self.path(k) + ".tmp"
-        with open(tmp, "wb") as f:
-            np.savez(f, indices=self.blocks[k], labels=labels, images=images)
-        os.replace(tmp, self.path(k))
+        atomic_write(self.path(k), lambda f: np.savez(f, indices=self.blocks[k], labels=labels, images=images))
 
     def merge(self, npz_path) -> tuple[int, ...]:
         """Stream every block's images, in sample order, into `npz_path` as arr_0 (N, H, W, 3) uint8, holding one
@@ -214,17 +205,13 @@ class NpzShards:
         total = sum(len(block) for block in self.blocks)
         header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
                   "shape": (total, *image_shape)}
-        tmp = npz_path + ".tmp"
-        try:
-            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+        def write(file):
+            with zipfile.ZipFile(file, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
                 with archive.open(f"{IMAGES_KEY}.npy", "w", force_zip64=True) as f:
                     np.lib.format.write_array_header_1_0(f, header)
                     for k in range(len(self.blocks)):
                         f.write(self._images_of_block(k, image_shape).tobytes())
-            os.replace(tmp, npz_path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        atomic_write(npz_path, write)
         return header["shape"]
 
     def _images_of_block(self, k: int, image_shape: tuple[int, ...]) -> np.ndarray:

@@ -124,12 +124,12 @@ def write_checkpoint(payload: dict, path: str, keep_last: int | None = None, kee
 # ---- what a checkpoint holds -------------------------------------------------------------------------------------
 def training_payload(model, ema, opt, args, state: TrainState, posthoc=None) -> dict:
     """The checkpoint dict (collective under FSDP or DDP; meaningful on rank 0)."""
+    state_of = full_state_of(args)
+    model_sd, ema_sd = state_of(model), state_of(ema.module)
     if args.fsdp:
-        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_sd, ema_sd = get_model_state_dict(model, options=full), get_model_state_dict(ema.module, options=full)
-        opt_sd = get_optimizer_state_dict(model, opt, options=full)
+        opt_sd = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:
-        model_sd, ema_sd, opt_sd = model.state_dict(), ema.module.state_dict(), opt.state_dict()
+        opt_sd = opt.state_dict()
     rng = distributed.all_gather_object(capture_rng())
     payload = {"model": model_sd, "ema": ema_sd, "opt": opt_sd, "args": dict(vars(args)),
                "train_state": state.to_dict(), "rng": rng, "world_size": distributed.info().world_size,
@@ -145,11 +145,11 @@ def restore(ckpt: dict, model, ema, opt, state: TrainState, args, log, posthoc=N
     if "model" not in ckpt:  # e.g. a post-hoc EMA reconstruction: its EMA weights are the starting point
         ckpt = {**ckpt, "model": ckpt["ema"]}
     if args.fsdp:
-        full = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(model, ckpt["model"], options=full)
-        set_model_state_dict(ema.module, ckpt.get("ema", ckpt["model"]), options=full)
+        load = load_full_state(args)
+        load(model, ckpt["model"])
+        load(ema.module, ckpt.get("ema", ckpt["model"]))
         if "opt" in ckpt:
-            set_optimizer_state_dict(model, opt, ckpt["opt"], options=full)
+            set_optimizer_state_dict(model, opt, ckpt["opt"], options=StateDictOptions(full_state_dict=True))
     else:
         try:
             fit_state(model, ckpt["model"], "its 'model' entry")
