@@ -135,6 +135,13 @@ def unavailable_reason(op: str, backend: str, device: torch.device) -> str | Non
     return f"the {backend} backend needs CUDA tensors, got {device.type} tensors{hint}"
 
 
+def capturing(device: torch.device) -> bool:
+    """Whether the current stream of `device` is being captured into a CUDA graph: the backends' choosers must not
+    time (or synchronise) then."""
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
+
+
 def _warn_once(message: str) -> None:
     if torch.compiler.is_compiling():  # Dynamo cannot trace warnings.warn; eager calls (the first ones) still warn
         return

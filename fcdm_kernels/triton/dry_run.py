@@ -91,7 +91,7 @@ def _as_on_cuda(report: DryRunReport):
     try:
         patch(launch, "interpreting", lambda device: False)
         patch(launch, "gemm_config", lambda op, m, n, k, pixels, dtype, device, run:
-              launch.gemm_candidates(op, n, dtype)[0])
+              launch._default_gemm_config(op, n, dtype))
         for module in KERNEL_MODULES:
             for name, obj in list(vars(module).items()):
                 if name.endswith("_kernel") and isinstance(obj, KernelInterface):

@@ -27,6 +27,8 @@ import triton.testing  # the tuner's timer, looked up at call time (tests replac
 from triton.compiler.errors import CompilationError
 from triton.runtime import errors
 
+from fcdm_kernels import dispatch
+
 from .cast import INTERPRETED
 
 # Set by tests (monkeypatch) to make every output buffer start as NaN, so an unwritten element cannot pass.
@@ -261,10 +263,7 @@ def device_kind(device: torch.device) -> str:
     return _DEVICE_KINDS[index]
 
 
-def capturing(device: torch.device) -> bool:
-    """Whether the current stream of `device` is being captured into a CUDA graph (timing would break the capture)."""
-    with torch.cuda.device(device):
-        return torch.cuda.is_current_stream_capturing()
+capturing = dispatch.capturing  # a module attribute, so tests can stand in for a capture
 
 
 def tuning_enabled() -> bool:
