@@ -2,6 +2,7 @@
 for but not installed."""
 import glob
 import os
+import re
 import sys
 
 import pytest
@@ -43,6 +44,7 @@ def test_wandb_offline_logs_and_a_resumed_run_keeps_its_id(tmp_path, monkeypatch
     run_train(tmp_path, "--max-train-steps", "4", *common, "--resume", "auto")
     assert final_checkpoint(run_dir)["train_state"]["wandb_run_id"] == run_id
     offline = glob.glob(os.path.join(run_dir, "wandb", "offline-run-*"))
-    # wandb names an offline run's folder by its start second: two runs within one second share one folder.
-    assert 1 <= len(offline) <= 2 and all(d.endswith(run_id) for d in offline)
+    # offline-run-<start second>-<run id>, with a -1 appended when both runs start within the same second
+    folder = re.compile(rf"offline-run-\d{{8}}_\d{{6}}-{run_id}(-\d+)?")
+    assert len(offline) == 2 and all(folder.fullmatch(os.path.basename(d)) for d in offline), offline
     assert all(glob.glob(os.path.join(d, f"run-{run_id}.wandb")) for d in offline)
